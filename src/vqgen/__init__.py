@@ -1,0 +1,58 @@
+"""vqgen: two-stage VQ + autoregressive image generation, stage by stage swappable.
+
+Compose components by registry name::
+
+    import vqgen
+    ordering = vqgen.create("ordering", "z_curve")
+    vqgen.list_components("ordering", "spiral*")
+"""
+
+from vqgen.core.config import ComponentSpec, ConfigError, PipelineConfig, load_config
+from vqgen.core.errors import VqgenError
+from vqgen.core.hookspecs import hookimpl
+from vqgen.core.interfaces import (
+    Component,
+    Conditioner,
+    NoParams,
+    Ordering,
+    ParamsModel,
+    Prior,
+    Sampler,
+    Tokenizer,
+)
+from vqgen.core.registry import (
+    KINDS,
+    ComponentError,
+    Registry,
+    create,
+    default_registry,
+    list_components,
+    register,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS",
+    "Component",
+    "ComponentError",
+    "ComponentSpec",
+    "Conditioner",
+    "ConfigError",
+    "NoParams",
+    "Ordering",
+    "ParamsModel",
+    "PipelineConfig",
+    "Prior",
+    "Registry",
+    "Sampler",
+    "Tokenizer",
+    "VqgenError",
+    "__version__",
+    "create",
+    "default_registry",
+    "hookimpl",
+    "list_components",
+    "load_config",
+    "register",
+]

@@ -1,0 +1,2 @@
+"""(being written)"""
+def main(argv=None): return 0

@@ -1,0 +1,242 @@
+"""The five abstract stages of a two-stage VQ + autoregressive image model.
+
+Conventions shared by every interface:
+
+* Images are float tensors ``[B, C, H, W]`` with values in ``[-1, 1]``.
+* Codes (token ids) are ``int64`` tensors.
+* A *grid* of codes is ``[B, h, w]``; a *sequence* is ``[B, L]`` with ``L = h * w``.
+* Every component declares a pydantic ``Params`` model (``extra="forbid"``) and its
+  constructor takes exactly those fields as keyword arguments. The validated
+  values are kept on ``self.params``.
+
+Nothing here knows a concrete plugin.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+__all__ = [
+    "Component",
+    "Conditioner",
+    "NoParams",
+    "Ordering",
+    "ParamsModel",
+    "Prior",
+    "Sampler",
+    "Tokenizer",
+]
+
+
+class ParamsModel(BaseModel):
+    """Base of every component's ``Params``: unknown fields are an error."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class NoParams(ParamsModel):
+    """Params of a component that takes none."""
+
+
+class Component(ABC):
+    """Mixin shared by all components: validates and stores constructor fields.
+
+    Subclasses call ``super().__init__(**fields)`` with exactly the fields of their
+    ``Params`` model; the validated model is stored as ``self.params``.
+    """
+
+    Params: ClassVar[type[ParamsModel]] = NoParams
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__()  # nn.Module.__init__ where the component is a module
+        self.params = type(self).Params(**fields)
+
+    @classmethod
+    def init_signature_problems(cls) -> list[str]:
+        """Differences between ``__init__``'s keyword arguments and ``Params``' fields."""
+        sig = inspect.signature(cls.__init__)
+        args = {
+            n: p
+            for n, p in sig.parameters.items()
+            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+        fields = cls.Params.model_fields
+        problems = [f"__init__ lacks field {n!r}" for n in fields if n not in args]
+        problems += [f"__init__ takes {n!r}, which Params lacks" for n in args if n not in fields]
+        for n, p in args.items():
+            if n in fields and not fields[n].is_required():
+                default = fields[n].get_default(call_default_factory=True)
+                if p.default is inspect.Parameter.empty or p.default != default:
+                    problems.append(
+                        f"default of {n!r} is {p.default!r} in __init__ but {default!r} in Params"
+                    )
+        return problems
+
+
+class Tokenizer(Component, nn.Module):
+    """Image ⇄ grid of codes (the first stage).
+
+    ``encode(x)`` maps ``x: float [B, in_channels, H, W]`` in ``[-1, 1]`` to
+    ``int64 [B, H // downsample, W // downsample]`` with values in ``[0, vocab_size)``;
+    ``decode(codes)`` maps such a grid back to ``float [B, out_channels, H, W]``
+    in ``[-1, 1]`` (approximately; decoders are not clamped).
+    """
+
+    vocab_size: int
+    downsample: int
+    in_channels: int
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` float in ``[-1, 1]`` → ``[B, h, w]`` int64 codes."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]`` int64 codes → ``[B, C, H, W]`` float image."""
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The code-grid size ``(h, w)`` for an image of ``height × width`` pixels."""
+        f = self.downsample
+        if height % f or width % f:
+            raise ValueError(
+                f"image size {height}x{width} is not divisible by the downsampling "
+                f"factor f={f}; use a multiple of {f} in each dimension"
+            )
+        return height // f, width // f
+
+
+class Conditioner(Component, nn.Module):
+    """Raw condition ⇄ condition tokens.
+
+    ``tokens(batch)`` reads what it needs from a batch mapping (``"image"``
+    ``[B, 3, H, W]``, ``"label"`` ``[B]``, ``"segmentation"`` ``[B, H, W]``,
+    ``"depth"`` ``[B, 1, H, W]``, ``"keypoints"`` ``[B, N, K, 3]``) and returns
+    ``int64 [B, Lc]`` in ``[0, vocab_size)``: ``Lc = 1`` for a class, ``hc * wc``
+    (row-major) for a spatial map. A spatial conditioner (``spatial = True``) also
+    provides ``grid(batch) -> [B, hc, wc]`` and owns a Tokenizer of its own.
+    """
+
+    vocab_size: int
+    spatial: ClassVar[bool] = False
+
+    @abstractmethod
+    def tokens(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Condition tokens ``[B, Lc]`` int64 for a batch."""
+
+    def grid(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Spatial conditioners: condition tokens as a grid ``[B, hc, wc]`` int64."""
+        raise TypeError(f"{type(self).__name__} is not a spatial conditioner")
+
+
+class Ordering(Component):
+    """A bijection between an ``h × w`` grid and a sequence of ``h * w`` tokens.
+
+    ``permutation(h, w)[i]`` is the row-major (raster) index of the grid cell
+    that comes ``i``-th in the sequence; it is defined for every ``h, w >= 1``.
+    ``flatten`` and ``unflatten`` apply it; subclasses implement only
+    ``permutation``.
+    """
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)
+        self._cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @abstractmethod
+    def permutation(self, h: int, w: int) -> torch.Tensor:
+        """``int64 [h * w]``: raster index of each sequence position."""
+
+    def _perms(self, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if h < 1 or w < 1:
+            raise ValueError(f"grid size must be at least 1x1, got {h}x{w}")
+        key = (h, w)
+        if key not in self._cache:
+            perm = torch.as_tensor(self.permutation(h, w), dtype=torch.int64)  # (h*w,)
+            if perm.shape != (h * w,) or not torch.equal(
+                torch.sort(perm).values, torch.arange(h * w)
+            ):
+                raise ValueError(
+                    f"{type(self).__name__}.permutation({h}, {w}) is not a permutation of "
+                    f"0..{h * w - 1}"
+                )
+            self._cache[key] = (perm, torch.argsort(perm))
+        return self._cache[key]
+
+    def inverse(self, h: int, w: int) -> torch.Tensor:
+        """``int64 [h * w]``: sequence position of each raster index."""
+        return self._perms(h, w)[1]
+
+    def flatten(self, grid: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w, *rest]`` → ``[B, h * w, *rest]`` in sequence order."""
+        b, h, w = grid.shape[:3]
+        perm = self._perms(h, w)[0].to(grid.device)
+        raster = grid.reshape(b, h * w, *grid.shape[3:])  # (B, h*w, *rest)
+        return raster[:, perm]
+
+    def unflatten(self, seq: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``[B, h * w, *rest]`` in sequence order → ``[B, h, w, *rest]``."""
+        if seq.shape[1] != h * w:
+            raise ValueError(f"sequence of length {seq.shape[1]} cannot fill a {h}x{w} grid")
+        inv = self._perms(h, w)[1].to(seq.device)
+        raster = seq[:, inv]  # (B, h*w, *rest)
+        return raster.reshape(seq.shape[0], h, w, *seq.shape[2:])
+
+
+class Prior(Component, nn.Module):
+    """``p(s_i | s_<i, c)`` over sequences of image codes.
+
+    ``seq`` is ``int64 [B, L]`` with values in ``[0, vocab_size)``; ``cond`` is
+    ``int64 [B, Lc]`` condition tokens already offset by the pipeline into the
+    prior's condition range, or ``None`` for an unconditional model.
+    """
+
+    vocab_size: int
+
+    @abstractmethod
+    def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, L, vocab_size]`` float: logits for position ``i`` given ``s_<i`` and ``c``."""
+
+    def nll(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]`` mean negative log-likelihood (nats per image token)."""
+        logits = self.logits(seq, cond)  # (B, L, V)
+        nll = nn.functional.cross_entropy(logits.transpose(1, 2), seq, reduction="none")  # (B, L)
+        return nll.mean(dim=1)
+
+    @abstractmethod
+    def start(self, cond: torch.Tensor | None, batch_size: int) -> Any:
+        """A decoding state after the condition (or the start token), ready to step."""
+
+    @abstractmethod
+    def step(self, state: Any, token: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        """Feed the last sampled token ``[B]`` (``None`` on the first call).
+
+        Returns the next position's logits ``[B, vocab_size]`` and the new state.
+        The logits equal those of ``logits()`` at that position.
+        """
+
+
+class Sampler(Component):
+    """Turns one step's logits into the next tokens.
+
+    ``warp(logits)`` maps ``float [B, V]`` logits to processed logits of the same
+    shape (temperature applied, excluded ids set to ``-inf``; at least one id per
+    row stays finite). ``sample`` draws ``int64 [B]`` from the warped
+    distribution, reproducibly from ``generator``.
+    """
+
+    @abstractmethod
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[B, V]`` logits → ``[B, V]`` processed logits."""
+
+    def sample(
+        self, logits: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Draw one token per row: ``[B, V]`` logits → ``[B]`` int64."""
+        probs = torch.softmax(self.warp(logits).float(), dim=-1)  # (B, V)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
