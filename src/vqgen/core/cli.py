@@ -1,2 +1,151 @@
-"""(being written)"""
-def main(argv=None): return 0
+"""The ``vqgen`` command (also ``python -m vqgen``).
+
+User errors (bad files, fields, values) print one paragraph to stderr and exit
+with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vqgen.core.errors import VqgenError
+
+__all__ = ["main"]
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from vqgen.core.registry import KINDS, default_registry
+
+    reg = default_registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    rows = [
+        (e.kind, e.name, e.source, e.summary)
+        for k in kinds
+        for e in reg.entries(k)
+        if not args.pattern or e.name in reg.list(k, args.pattern)
+    ]
+    if args.json:
+        keys = ("kind", "name", "source", "summary")
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows]))
+        return 0
+    heads = ("kind", "name", "source")
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
+    print(f"{'kind':<{widths[0]}}  {'name':<{widths[1]}}  {'source':<{widths[2]}}  description")
+    for kind, name, source, summary in rows:
+        print(f"{kind:<{widths[0]}}  {name:<{widths[1]}}  {source:<{widths[2]}}  {summary}")
+    print()
+    print("plugins loaded:")
+    for plugin, where in reg.plugins.items():
+        print(f"  {plugin}  ({where})")
+    for plugin, message in reg.failures:
+        print(f"  FAILED {plugin}: {message}")
+    return 0
+
+
+def _cmd_config_validate(args: argparse.Namespace) -> int:
+    from vqgen.core.config import dumps_config, load_config
+
+    cfg = load_config(args.file)
+    parts = ", ".join(f"{s}={spec.name}" for s, spec in cfg.components().items())
+    print(f"ok: {args.file} ({parts})")
+    if args.resolved:
+        print(dumps_config(cfg, "yaml"), end="")
+    return 0
+
+
+def _cmd_config_schema(args: argparse.Namespace) -> int:
+    from vqgen.core.config import atomic_write_text, config_schema
+
+    text = json.dumps(config_schema(), indent=2) + "\n"
+    if args.output:
+        atomic_write_text(Path(args.output), text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` → dict, values read as YAML scalars (``3`` → int)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise VqgenError(f"--param expects KEY=VALUE, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _cmd_data_write(args: argparse.Namespace) -> int:
+    from vqgen.core.data import write_folder
+    from vqgen.core.registry import default_registry
+
+    params = {"seed": args.seed, **_parse_kv(args.param)}
+    if args.resolution is not None:
+        params["resolution"] = args.resolution
+    params.setdefault("length", args.n)
+    dataset = default_registry().create("dataset", args.dataset, params)
+    out = write_folder(dataset, args.out_dir, args.n, overwrite=args.overwrite)
+    print(f"wrote {args.n} samples of {args.dataset!r} to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``vqgen`` command."""
+    from vqgen import __version__
+
+    p = argparse.ArgumentParser(
+        prog="vqgen", description="Two-stage VQ + autoregressive image generation."
+    )
+    p.add_argument("--version", action="version", version=f"vqgen {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("plugins", help="list registered components and where they come from")
+    sp.add_argument("--kind", choices=["tokenizer", "prior", "conditioner", "ordering",
+                                       "sampler", "dataset"])
+    sp.add_argument("--pattern", help="fnmatch pattern on names, e.g. 'spiral*'")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.set_defaults(func=_cmd_plugins)
+
+    cp = sub.add_parser("config", help="validate configs, print the config JSON Schema")
+    csub = cp.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    v = csub.add_parser("validate", help="check a YAML/TOML/JSON pipeline config (exit 0 or 2)")
+    v.add_argument("file")
+    v.add_argument("--resolved", action="store_true", help="also print it with all defaults")
+    v.set_defaults(func=_cmd_config_validate)
+    s = csub.add_parser("schema", help="JSON Schema including every component's params")
+    s.add_argument("-o", "--output", help="write to a file instead of stdout")
+    s.set_defaults(func=_cmd_config_schema)
+
+    dp = sub.add_parser("data", help="write a dataset to disk in the folder format")
+    dp.add_argument("dataset", help="registered dataset name, e.g. shapes")
+    dp.add_argument("out_dir")
+    dp.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    dp.add_argument("--resolution", type=int, help="image side in pixels")
+    dp.add_argument("--seed", type=int, default=0)
+    dp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other dataset param (repeatable)")
+    dp.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
+    dp.set_defaults(func=_cmd_data_write)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except VqgenError as exc:
+        print(f"vqgen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vqgen: interrupted", file=sys.stderr)
+        return 130

@@ -1,7 +1,329 @@
-"""(being written) pipeline configs."""
-from pydantic import BaseModel
+"""Pipeline configs: pydantic models, loaded from and dumped to YAML, TOML or JSON.
+
+A config names every component by registry name and gives its params::
+
+    data:      {name: shapes, params: {resolution: 32}}
+    tokenizer: {name: vqgan, params: {n_embed: 512}}
+    ordering:  {name: row_major}
+    prior:     {name: gpt, params: {n_layer: 8}}
+    sampler:   {name: top_k, params: {k: 100}}
+    train:     {tokenizer: {steps: 3000}, prior: {steps: 3000}}
+
+Each component's params are validated against that component's own ``Params``
+model and stored resolved (every field, defaults filled in), so a loaded config
+says exactly what will be built and ``load → dump → load`` gives an equal object.
+Errors are :class:`ConfigError`: they name the file, the dotted path
+(``prior.params.n_head``) and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    model_validator,
+)
+
 from vqgen.core.errors import VqgenError
-class ConfigError(VqgenError): ...
-class ComponentSpec(BaseModel): ...
-class PipelineConfig(BaseModel): ...
-def load_config(path): ...
+from vqgen.core.registry import Registry, default_registry, format_validation_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "SECTIONS",
+    "ComponentSpec",
+    "ConfigError",
+    "PipelineConfig",
+    "StageTrainConfig",
+    "TrainConfig",
+    "config_schema",
+    "dump_config",
+    "load_config",
+    "parse_config",
+]
+
+#: Config section → registry kind of the component it names.
+SECTIONS: dict[str, str] = {
+    "data": "dataset",
+    "tokenizer": "tokenizer",
+    "conditioner": "conditioner",
+    "ordering": "ordering",
+    "prior": "prior",
+    "sampler": "sampler",
+}
+SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".json": "json"}
+
+
+class ConfigError(VqgenError):
+    """A config that cannot be read or validated: file, dotted paths and reasons."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = [f"  {path or '(top level)'}: {reason}" for path, reason in problems]
+        super().__init__(f"invalid config {source}:\n" + "\n".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(_Strict):
+    """A component by registry name, with its params."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageTrainConfig(_Strict):
+    """Optimisation settings of one training stage."""
+
+    steps: int = Field(1000, ge=0)
+    batch_size: int = Field(32, ge=1)
+    lr: float | None = Field(None, gt=0, description="absolute learning rate; overrides base_lr")
+    base_lr: float = Field(
+        4.5e-6, gt=0, description="learning rate per sample: lr = base_lr × batch × accum × world"
+    )
+    grad_accum: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    """Per-stage training settings."""
+
+    tokenizer: StageTrainConfig = Field(default_factory=StageTrainConfig)
+    prior: StageTrainConfig = Field(default_factory=StageTrainConfig)
+
+
+class PipelineConfig(_Strict):
+    """A whole two-stage model: one component per section, plus training settings.
+
+    ``data`` and ``tokenizer`` are required (a stage-1-only config is valid);
+    ``conditioner``, ``ordering``, ``prior`` and ``sampler`` are optional.
+    Constructing one validates every component's params against the default
+    registry (or ``context={"registry": r}``) and stores them resolved.
+    """
+
+    data: ComponentSpec
+    tokenizer: ComponentSpec
+    conditioner: ComponentSpec | None = None
+    ordering: ComponentSpec | None = None
+    prior: ComponentSpec | None = None
+    sampler: ComponentSpec | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_components(self, info: ValidationInfo) -> PipelineConfig:
+        ctx = info.context or {}
+        if ctx.get("structure_only"):
+            return self
+        problems = _resolve_components(self, ctx.get("registry"))
+        if problems:
+            raise ValueError("; ".join(f"{p}: {r}" for p, r in problems))
+        return self
+
+    def components(self) -> dict[str, ComponentSpec]:
+        """The sections that are set, as ``{section: spec}``."""
+        return {s: spec for s in SECTIONS if (spec := getattr(self, s)) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON types), unset optional sections left out."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def _resolve_components(cfg: PipelineConfig, registry: Registry | None) -> list[tuple[str, str]]:
+    """Validate each section's params in place; return ``(path, reason)`` problems."""
+    registry = registry or default_registry()
+    problems: list[tuple[str, str]] = []
+    for section, spec in cfg.components().items():
+        kind = SECTIONS[section]
+        try:
+            model = registry.get(kind, spec.name).params_model
+        except VqgenError as exc:
+            problems.append((f"{section}.name", str(exc)))
+            continue
+        try:
+            params = model.model_validate(spec.params)
+        except ValidationError as err:
+            problems += format_validation_error(err, f"{section}.params")
+            continue
+        except Exception as exc:  # a plugin's own validator that raised something else
+            problems.append((f"{section}.params", f"{type(exc).__name__}: {exc}"))
+            continue
+        spec.params = params.model_dump(mode="json")
+    return problems
+
+
+def parse_config(
+    data: Any, source: str = "<dict>", registry: Registry | None = None
+) -> PipelineConfig:
+    """Validate already-parsed config data; errors are :class:`ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            source,
+            [("", f"expected a mapping of sections ({', '.join(SECTIONS)}, train), "
+                  f"got {type(data).__name__}")],
+        )
+    try:
+        cfg = PipelineConfig.model_validate(data, context={"structure_only": True})
+    except ValidationError as err:
+        raise ConfigError(source, format_validation_error(err)) from None
+    except RecursionError:
+        raise ConfigError(source, [("", "structure is recursive or nested too deeply")]) from None
+    problems = _resolve_components(cfg, registry)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def _format_of(path: Path) -> str:
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(
+            str(path),
+            [("", f"unsupported extension {path.suffix!r}; use .yaml, .yml, .toml or .json")],
+        )
+    return fmt
+
+
+def load_config(path: str | os.PathLike[str], registry: Registry | None = None) -> PipelineConfig:
+    """Read a YAML, TOML or JSON pipeline config (by extension) and validate it."""
+    path = Path(path)
+    fmt = _format_of(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), [("", "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [("", f"cannot read file: {exc}")]) from None
+    try:
+        if fmt == "yaml":
+            data = yaml.safe_load(text)
+        elif fmt == "toml":
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except RecursionError:
+        raise ConfigError(str(path), [("", f"{fmt.upper()} nested too deeply")]) from None
+    except Exception as exc:  # each parser has its own error types
+        reason = " ".join(str(exc).split())
+        raise ConfigError(str(path), [("", f"not valid {fmt.upper()}: {reason}")]) from None
+    return parse_config(data, str(path), registry)
+
+
+# -- dumping ----------------------------------------------------------------
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_value(value: Any, path: str) -> str:
+    if value is None:
+        raise ConfigError(path, [("", "TOML cannot represent null; use YAML or JSON")])
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v, f"{path}[{i}]") for i, v in enumerate(value)) + "]"
+    if isinstance(value, dict):
+        items = []
+        for k, v in value.items():
+            key = k if _BARE_KEY.match(k) else json.dumps(k, ensure_ascii=False)
+            items.append(f"{key} = {_toml_value(v, f'{path}.{k}')}")
+        return "{" + ", ".join(items) + "}"
+    raise ConfigError(path, [("", f"cannot write {type(value).__name__} to TOML")])
+
+
+def dumps_config(cfg: PipelineConfig, fmt: Literal["yaml", "toml", "json"] = "yaml") -> str:
+    """The config as text in ``fmt``."""
+    data = cfg.to_dict()
+    if fmt == "yaml":
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if fmt == "json":
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    lines = []
+    for section, value in data.items():
+        try:
+            lines.append(f"{section} = {_toml_value(value, section)}")
+        except ConfigError as err:
+            raise ConfigError("<toml>", [(err.source, err.problems[0][1])]) from None
+    return "\n".join(lines) + "\n"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def dump_config(cfg: PipelineConfig, path: str | os.PathLike[str]) -> Path:
+    """Write the config to ``path`` (format by extension), atomically."""
+    path = Path(path)
+    atomic_write_text(path, dumps_config(cfg, _format_of(path)))  # type: ignore[arg-type]
+    return path
+
+
+# -- JSON Schema ------------------------------------------------------------
+def config_schema(registry: Registry | None = None) -> dict[str, Any]:
+    """JSON Schema of a pipeline config, with every registered component's params."""
+    registry = registry or default_registry()
+    fields: dict[str, Any] = {}
+    for section, kind in SECTIONS.items():
+        variants = []
+        for entry in registry.entries(kind):
+            variants.append(
+                create_model(
+                    f"{kind}:{entry.name}",
+                    __config__=ConfigDict(extra="forbid", title=f"{kind} {entry.name!r}"),
+                    name=(Literal[entry.name], ...),  # type: ignore[valid-type]
+                    params=(entry.params_model, Field(default_factory=entry.params_model)),
+                )
+            )
+        if not variants:
+            union: Any = ComponentSpec
+        elif len(variants) == 1:
+            union = variants[0]
+        else:
+            from typing import Union
+
+            union = Union[tuple(variants)]  # noqa: UP007
+        required = section in ("data", "tokenizer")
+        fields[section] = (union, ...) if required else (union | None, None)
+    model = create_model(
+        "PipelineConfig",
+        __config__=ConfigDict(extra="forbid", title="vqgen pipeline config"),
+        train=(TrainConfig, Field(default_factory=TrainConfig)),
+        **fields,
+    )
+    return model.model_json_schema()

@@ -32,6 +32,7 @@ __all__ = [
     "Prior",
     "Sampler",
     "Tokenizer",
+    "signature_problems",
 ]
 
 
@@ -45,7 +46,32 @@ class NoParams(ParamsModel):
     """Params of a component that takes none."""
 
 
-class Component(ABC):
+def signature_problems(cls: type) -> list[str]:
+    """Differences between ``cls.__init__``'s keyword arguments and ``cls.Params``' fields.
+
+    An empty list means the constructor takes exactly the Params fields, with the
+    same defaults: the contract every registered component keeps.
+    """
+    sig = inspect.signature(cls.__init__)  # type: ignore[misc]
+    args = {
+        n: p
+        for n, p in sig.parameters.items()
+        if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
+    fields = cls.Params.model_fields  # type: ignore[attr-defined]
+    problems = [f"__init__ lacks field {n!r}" for n in fields if n not in args]
+    problems += [f"__init__ takes {n!r}, which Params lacks" for n in args if n not in fields]
+    for n, p in args.items():
+        if n in fields and not fields[n].is_required():
+            default = fields[n].get_default(call_default_factory=True)
+            if p.default is inspect.Parameter.empty or p.default != default:
+                problems.append(
+                    f"default of {n!r} is {p.default!r} in __init__ but {default!r} in Params"
+                )
+    return problems
+
+
+class Component(ABC):  # noqa: B024 (abstract by role; subclasses add the methods)
     """Mixin shared by all components: validates and stores constructor fields.
 
     Subclasses call ``super().__init__(**fields)`` with exactly the fields of their
@@ -57,27 +83,6 @@ class Component(ABC):
     def __init__(self, **fields: Any) -> None:
         super().__init__()  # nn.Module.__init__ where the component is a module
         self.params = type(self).Params(**fields)
-
-    @classmethod
-    def init_signature_problems(cls) -> list[str]:
-        """Differences between ``__init__``'s keyword arguments and ``Params``' fields."""
-        sig = inspect.signature(cls.__init__)
-        args = {
-            n: p
-            for n, p in sig.parameters.items()
-            if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
-        }
-        fields = cls.Params.model_fields
-        problems = [f"__init__ lacks field {n!r}" for n in fields if n not in args]
-        problems += [f"__init__ takes {n!r}, which Params lacks" for n in args if n not in fields]
-        for n, p in args.items():
-            if n in fields and not fields[n].is_required():
-                default = fields[n].get_default(call_default_factory=True)
-                if p.default is inspect.Parameter.empty or p.default != default:
-                    problems.append(
-                        f"default of {n!r} is {p.default!r} in __init__ but {default!r} in Params"
-                    )
-        return problems
 
 
 class Tokenizer(Component, nn.Module):

@@ -5,7 +5,9 @@ Installed plugins are found with ``importlib.metadata`` through pluggy's
 time so that a plugin which fails to import is recorded with its distribution
 name and error while every other plugin still loads. Setting
 ``VQGEN_DISABLE_PLUGIN_AUTOLOAD=1`` skips installed plugins; the built-ins
-always load.
+always load. ``VQGEN_PLUGINS=mod_a,mod_b`` loads plugin modules by import name
+without packaging them (handy for a project's own components and for tests);
+it is honoured even when autoload is disabled.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pluggy
 
 from vqgen.core import hookspecs
 
-__all__ = ["BUILTIN_PLUGINS", "DISABLE_ENV", "load_plugins", "plugin_manager"]
+__all__ = ["BUILTIN_PLUGINS", "DISABLE_ENV", "MODULES_ENV", "load_plugins", "plugin_manager"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "vqgen.conditioners",
 )
 DISABLE_ENV = "VQGEN_DISABLE_PLUGIN_AUTOLOAD"
+MODULES_ENV = "VQGEN_PLUGINS"
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -75,7 +78,7 @@ def load_plugins(registry: Any, pm: pluggy.PluginManager | None = None) -> plugg
             registry.failures.append((modname, f"{type(exc).__name__}: {exc}"))
             continue
         sources[modname] = "vqgen"
-        registry.plugins[modname] = None
+        registry.plugins[modname] = "built-in"
 
     if not _autoload_disabled():
         for ep, dist, version in _entry_points():
@@ -87,7 +90,17 @@ def load_plugins(registry: Any, pm: pluggy.PluginManager | None = None) -> plugg
                 continue
             if pm.has_plugin(ep.name):
                 sources[ep.name] = dist
-                registry.plugins[ep.name] = (dist, version)
+                registry.plugins[ep.name] = f"{dist} {version}"
+
+    for modname in filter(None, (m.strip() for m in os.environ.get(MODULES_ENV, "").split(","))):
+        try:
+            pm.register(importlib.import_module(modname), name=modname)
+        except Exception as exc:
+            label = f"{modname} (from ${MODULES_ENV})"
+            registry.failures.append((label, f"failed to import: {type(exc).__name__}: {exc}"))
+            continue
+        sources[modname] = modname
+        registry.plugins[modname] = f"${MODULES_ENV}"
 
     for impl in pm.hook.vqgen_register.get_hookimpls():
         source = sources.get(impl.plugin_name, impl.plugin_name)

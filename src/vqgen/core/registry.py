@@ -102,8 +102,9 @@ class Registry:
         self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
         #: Plugins that failed to import or to register: ``(plugin, error)``.
         self.failures: list[tuple[str, str]] = []
-        #: Plugins loaded: plugin name → distribution ``(name, version)`` or ``None``.
-        self.plugins: dict[str, tuple[str, str] | None] = {}
+        #: Plugins loaded: plugin name → where it came from ("built-in",
+        #: "<distribution> <version>" or "$VQGEN_PLUGINS").
+        self.plugins: dict[str, str] = {}
         self._source = "<runtime>"
 
     # -- registration -------------------------------------------------------
@@ -146,6 +147,14 @@ class Registry:
             return cls
 
         return deco
+
+    def copy(self) -> Registry:
+        """An independent registry with the same entries (e.g. to add test components)."""
+        new = Registry()
+        new._entries = {k: dict(v) for k, v in self._entries.items()}
+        new.failures = list(self.failures)
+        new.plugins = dict(self.plugins)
+        return new
 
     def scoped(self, source: str) -> _Scoped:
         """A view that registers with ``source`` as the origin (used for plugins)."""

@@ -1,0 +1,95 @@
+"""The `vqgen` command: exit codes, messages, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vqgen
+from vqgen.core.cli import main
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+
+GOOD = """\
+data:      {name: shapes, params: {resolution: 32}}
+tokenizer: {name: stub_tokenizer}
+ordering:  {name: snake}
+prior:     {name: stub_prior, params: {n_head: 4}}
+"""
+
+
+def run_cli(*args: str, stubs: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `python -m vqgen ARGS` in a subprocess, with the test stubs as a plugin."""
+    env = dict(os.environ)
+    if stubs:
+        env["VQGEN_PLUGINS"] = "vqgen_test_stubs"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "vqgen", *args], capture_output=True, text=True, env=env,
+        timeout=120,
+    )
+
+
+def test_plugins_lists_every_component_with_its_source(registry: vqgen.Registry) -> None:
+    out = run_cli("plugins", stubs=False)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for e in registry.entries():
+        assert any(ln.split()[:3] == [e.kind, e.name, e.source] for ln in lines), e
+    assert "  example  (vqgen-plugin-example 0.1.0)" in lines
+    assert "  vqgen.orderings  (built-in)" in lines
+    js = json.loads(run_cli("plugins", "--json", "--kind", "ordering", stubs=False).stdout)
+    assert {(r["name"], r["source"]) for r in js} >= {("snake", "vqgen-plugin-example")}
+    assert {r["kind"] for r in js} == {"ordering"}
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).with_name("vqgen")
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"vqgen {vqgen.__version__}"
+
+
+def test_config_validate_ok_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    out = run_cli("config", "validate", str(good))
+    assert out.returncode == 0, out.stderr
+    assert "ok:" in out.stdout and "ordering=snake" in out.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("n_head: 4", "n_heads: 4").replace("snake", "snaek"))
+    out = run_cli("config", "validate", str(bad))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert str(bad) in out.stderr
+    assert "prior.params.n_heads: Extra inputs are not permitted" in out.stderr
+    assert "ordering.name: unknown ordering 'snaek'; did you mean 'snake'?" in out.stderr
+    assert out.stdout == ""
+
+
+def test_config_validate_missing_file_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["config", "validate", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.toml" in err and "file not found" in err
+
+
+def test_config_schema_is_json_with_component_params() -> None:
+    out = run_cli("config", "schema")
+    assert out.returncode == 0, out.stderr
+    schema = json.loads(out.stdout)
+    assert schema["title"] == "vqgen pipeline config"
+    text = out.stdout
+    assert "ordering 'snake'" in text and "conditioner 'brightness'" in text
+    assert "prior 'stub_prior'" in text and "n_head" in text
+
+
+def test_usage_errors_exit_2_without_traceback() -> None:
+    out = run_cli("frobnicate", stubs=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "invalid choice" in out.stderr
