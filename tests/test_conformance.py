@@ -68,7 +68,7 @@ def test_params_round_trip_through_a_config_file(
     }
     base[SECTION_OF[entry.kind]] = {"name": entry.name, "params": params_for(entry, tmp_path)}
     cfg = parse_config(base, registry=test_registry)
-    path = dump_config(cfg, tmp_path / f"cfg{suffix}")
+    path = dump_config(cfg, tmp_path / f"cfg{suffix}", test_registry)
     again = load_config(path, test_registry)
     assert again == cfg
     spec = getattr(again, SECTION_OF[entry.kind])

@@ -93,3 +93,23 @@ def test_config_schema_is_json_with_component_params() -> None:
 def test_usage_errors_exit_2_without_traceback() -> None:
     out = run_cli("frobnicate", stubs=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "invalid choice" in out.stderr
+
+
+def test_data_write_and_preview(tmp_path: Path) -> None:
+    out = tmp_path / "shapes"
+    assert main(["data", "write", "shapes", str(out), "--n", "6", "--resolution", "32"]) == 0
+    assert len(list((out / "images").rglob("*.png"))) == 6
+    assert len(list((out / "segmentation").glob("*.png"))) == 6
+    before = sorted(p.stat().st_mtime_ns for p in out.rglob("*.png"))
+    # a second write refuses to touch the non-empty directory
+    assert main(["data", "write", "shapes", str(out), "--n", "6"]) == 2
+    assert sorted(p.stat().st_mtime_ns for p in out.rglob("*.png")) == before
+    assert main(["data", "write", "folder", str(tmp_path / "x")]) == 2
+    assert main(["data", "write", "shapes", str(tmp_path / "y"), "--param", "max_shapes=9"]) == 2
+
+    from PIL import Image
+
+    png = tmp_path / "preview.png"
+    assert main(["data", "preview", "shapes", "-o", str(png), "--per-class", "2"]) == 0
+    with Image.open(png) as im:  # 4 classes × (2 samples × 3 tiles of 128 px + padding)
+        assert im.size == (6 * 130 + 2, 4 * 130 + 2)

@@ -89,16 +89,28 @@ def test_dump_and_reload_is_equal(
     suffix: str, tmp_path: Path, test_registry: vqgen.Registry
 ) -> None:
     cfg = parse_config(BASE, registry=test_registry)
-    path = dump_config(cfg, tmp_path / f"out{suffix}")
+    path = dump_config(cfg, tmp_path / f"out{suffix}", test_registry)
     assert load_config(path, test_registry) == cfg
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_toml_refuses_null_with_a_clear_error(test_registry: vqgen.Registry) -> None:
     cfg = parse_config(BASE, registry=test_registry)
-    cfg.tokenizer.params["n_embed"] = None
+    cfg.tokenizer.params["n_embed"] = None  # default 16: leaving it out would change it
     with pytest.raises(ConfigError, match=r"tokenizer\.params\.n_embed: TOML cannot represent"):
-        dumps_config(cfg, "toml")
+        dumps_config(cfg, "toml", test_registry)
+
+
+def test_toml_leaves_out_null_params_whose_default_is_null(
+    tmp_path: Path, test_registry: vqgen.Registry
+) -> None:
+    cfg = parse_config(
+        {**BASE, "sampler": {"name": "top_p", "params": {"p": 0.5}}}, registry=test_registry
+    )
+    assert cfg.sampler is not None and cfg.sampler.params["top_k"] is None
+    text = dumps_config(cfg, "toml", test_registry)
+    assert "top_k" not in text
+    assert load_config(dump_config(cfg, tmp_path / "c.toml", test_registry), test_registry) == cfg
 
 
 @pytest.mark.parametrize(

@@ -59,7 +59,8 @@ def _cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_schema(args: argparse.Namespace) -> int:
-    from vqgen.core.config import atomic_write_text, config_schema
+    from vqgen.core.config import config_schema
+    from vqgen.core.io import atomic_write_text
 
     text = json.dumps(config_schema(), indent=2) + "\n"
     if args.output:
@@ -84,16 +85,37 @@ def _parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def _cmd_data_write(args: argparse.Namespace) -> int:
-    from vqgen.core.data import write_folder
     from vqgen.core.registry import default_registry
 
-    params = {"seed": args.seed, **_parse_kv(args.param)}
+    reg = default_registry()
+    entry = reg.get("dataset", args.dataset)
+    if not hasattr(entry.cls, "write_folder"):
+        raise VqgenError(
+            f"dataset {args.dataset!r} cannot be written to disk (it has no write_folder); "
+            "datasets that can: "
+            + ", ".join(e.name for e in reg.entries("dataset") if hasattr(e.cls, "write_folder"))
+        )
+    if args.n < 1:
+        raise VqgenError(f"--n must be at least 1, got {args.n}")
+    params = {"seed": args.seed, "length": args.n, **_parse_kv(args.param)}
     if args.resolution is not None:
         params["resolution"] = args.resolution
-    params.setdefault("length", args.n)
+    dataset = reg.create("dataset", args.dataset, params)
+    out = dataset.write_folder(args.out_dir, overwrite=args.overwrite, progress=True)
+    print(f"wrote {len(dataset)} samples of {args.dataset!r} to {out}")
+    return 0
+
+
+def _cmd_data_preview(args: argparse.Namespace) -> int:
+    from vqgen.core.data import write_preview
+    from vqgen.core.registry import default_registry
+
+    params = _parse_kv(args.param)
+    if args.resolution is not None:
+        params["resolution"] = args.resolution
     dataset = default_registry().create("dataset", args.dataset, params)
-    out = write_folder(dataset, args.out_dir, args.n, overwrite=args.overwrite)
-    print(f"wrote {args.n} samples of {args.dataset!r} to {out}")
+    out = write_preview(dataset, args.output, per_class=args.per_class)
+    print(f"wrote {out} (one row per class: image with keypoints, segmentation, depth)")
     return 0
 
 
@@ -124,7 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="write to a file instead of stdout")
     s.set_defaults(func=_cmd_config_schema)
 
-    dp = sub.add_parser("data", help="write a dataset to disk in the folder format")
+    dp0 = sub.add_parser("data", help="write a dataset to disk, or a picture of it")
+    dsub = dp0.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    pv = dsub.add_parser("preview", help="a PNG of samples and their conditions, a row per class")
+    pv.add_argument("dataset", help="registered dataset name, e.g. shapes")
+    pv.add_argument("-o", "--output", default="preview.png")
+    pv.add_argument("--per-class", type=int, default=4)
+    pv.add_argument("--resolution", type=int, help="image side in pixels")
+    pv.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other dataset param (repeatable)")
+    pv.set_defaults(func=_cmd_data_preview)
+    dp = dsub.add_parser("write", help="write a dataset to disk in the folder format")
     dp.add_argument("dataset", help="registered dataset name, e.g. shapes")
     dp.add_argument("out_dir")
     dp.add_argument("--n", type=int, default=64, help="number of samples (default 64)")

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +38,7 @@ from pydantic import (
 )
 
 from vqgen.core.errors import VqgenError
+from vqgen.core.io import atomic_write_text
 from vqgen.core.registry import Registry, default_registry, format_validation_error
 
 if sys.version_info >= (3, 11):
@@ -103,6 +103,21 @@ class StageTrainConfig(_Strict):
     )
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
+    betas: tuple[float, float] | None = Field(
+        None, description="Adam betas; unset: the stage's default (tokenizer: 0.5, 0.9)"
+    )
+    log_every: int = Field(50, ge=1, description="steps between metrics.jsonl records")
+    image_every: int = Field(
+        500, ge=0, description="steps between preview image grids (and at the end); 0 = none"
+    )
+    checkpoint_every: int = Field(
+        0, ge=0, description="steps between checkpoints; 0 = only at the end"
+    )
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda:1', …")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    input_key: str | None = Field(
+        None, description="batch key the tokenizer trains on; unset: the tokenizer's default"
+    )
 
 
 class TrainConfig(_Strict):
@@ -258,15 +273,38 @@ def _toml_value(value: Any, path: str) -> str:
     raise ConfigError(path, [("", f"cannot write {type(value).__name__} to TOML")])
 
 
-def dumps_config(cfg: PipelineConfig, fmt: Literal["yaml", "toml", "json"] = "yaml") -> str:
-    """The config as text in ``fmt``."""
+def _toml_params(cfg: PipelineConfig, registry: Registry | None) -> dict[str, Any]:
+    """Config data for TOML, which has no null: a ``None`` param is left out where
+    ``None`` is also its default (reloading fills it back in), else refused."""
     data = cfg.to_dict()
+    for section, spec in cfg.components().items():
+        nulls = [k for k, v in spec.params.items() if v is None]
+        if not nulls:
+            continue
+        fields = (registry or default_registry()).get(SECTIONS[section], spec.name).params_model
+        for key in nulls:
+            field = fields.model_fields.get(key)
+            if field is None or field.is_required() or field.get_default() is not None:
+                raise ConfigError(
+                    "<toml>",
+                    [(f"{section}.params.{key}", "TOML cannot represent null; use YAML or JSON")],
+                )
+            del data[section]["params"][key]
+    return data
+
+
+def dumps_config(
+    cfg: PipelineConfig,
+    fmt: Literal["yaml", "toml", "json"] = "yaml",
+    registry: Registry | None = None,
+) -> str:
+    """The config as text in ``fmt``."""
     if fmt == "yaml":
-        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
     if fmt == "json":
-        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        return json.dumps(cfg.to_dict(), indent=2, ensure_ascii=False) + "\n"
     lines = []
-    for section, value in data.items():
+    for section, value in _toml_params(cfg, registry).items():
         try:
             lines.append(f"{section} = {_toml_value(value, section)}")
         except ConfigError as err:
@@ -274,23 +312,13 @@ def dumps_config(cfg: PipelineConfig, fmt: Literal["yaml", "toml", "json"] = "ya
     return "\n".join(lines) + "\n"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def dump_config(cfg: PipelineConfig, path: str | os.PathLike[str]) -> Path:
+def dump_config(
+    cfg: PipelineConfig, path: str | os.PathLike[str], registry: Registry | None = None
+) -> Path:
     """Write the config to ``path`` (format by extension), atomically."""
     path = Path(path)
-    atomic_write_text(path, dumps_config(cfg, _format_of(path)))  # type: ignore[arg-type]
+    text = dumps_config(cfg, _format_of(path), registry)  # type: ignore[arg-type]
+    atomic_write_text(path, text)
     return path
 
 

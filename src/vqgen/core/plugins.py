@@ -66,7 +66,8 @@ def load_plugins(registry: Any, pm: pluggy.PluginManager | None = None) -> plugg
     """Load built-in and installed plugins and call their ``vqgen_register`` hooks.
 
     Failures are appended to ``registry.failures`` as ``(plugin, message)`` and
-    reported as a warning; they never stop the other plugins.
+    reported as a warning; they never stop the other plugins. A plugin whose hook
+    raises part-way registers none of its components.
     """
     pm = pm or plugin_manager()
     sources: dict[str, str] = {}
@@ -104,9 +105,11 @@ def load_plugins(registry: Any, pm: pluggy.PluginManager | None = None) -> plugg
 
     for impl in pm.hook.vqgen_register.get_hookimpls():
         source = sources.get(impl.plugin_name, impl.plugin_name)
+        scoped = registry.scoped(source)
         try:
-            impl.function(registry=registry.scoped(source))
+            impl.function(registry=scoped)
         except Exception as exc:
+            scoped.rollback()  # all of a plugin's components, or none
             registry.failures.append(
                 (f"{impl.plugin_name} (from {source})", f"vqgen_register failed: {exc}")
             )

@@ -230,9 +230,17 @@ class _Scoped:
     def __init__(self, registry: Registry, source: str) -> None:
         self._registry = registry
         self.source = source
+        self.added: list[tuple[str, str]] = []
 
     def add(self, kind: str, name: str, cls: type) -> None:
         self._registry.add(kind, name, cls, source=self.source)
+        self.added.append((kind, name))
+
+    def rollback(self) -> None:
+        """Remove everything this view registered (its plugin failed part-way)."""
+        for kind, name in self.added:
+            self._registry._entries[kind].pop(name, None)
+        self.added.clear()
 
     def register(self, kind: str, name: str) -> Callable[[T], T]:
         def deco(cls: T) -> T:

@@ -1,0 +1,413 @@
+"""GPT prior: a GPT-2-style decoder over image codes, with a KV cache (registered as ``gpt``).
+
+The architecture is the one of Taming Transformers (their ``mingpt.py``, after minGPT):
+pre-LayerNorm blocks, a GELU MLP four times as wide, learned position embeddings,
+and a linear head without bias. Module and parameter names match taming's, one to one:
+``tok_emb``, ``pos_emb`` (an ``nn.Parameter`` ``[1, block_size, n_embd]``), ``drop``,
+``blocks.N.{ln1, attn.{key, query, value, proj}, ln2, mlp.{0, 2}}``, ``ln_f``, ``head``.
+
+Token ids (one embedding table, ``tok_emb``)::
+
+    [0, vocab_size)                               image codes; the head predicts these only
+    [vocab_size, vocab_size + cond_vocab_size)    condition tokens, offset by the pipeline
+    vocab_size + cond_vocab_size                  the start token (start_token="learned")
+
+With ``start_token="learned"`` (the default) the table has a last row of its own, fed as
+the start token of an unconditional sequence. With ``start_token=<id>`` there is no extra
+row and that id of the table is fed instead. Taming's layout, where condition ids share
+the image-code table with no offset and an SOS id is fed through that same table, is
+``cond_vocab_size=0`` (condition ids then lie in ``[0, vocab_size)``) with ``start_token``
+set to taming's SOS id (any id, e.g. 0, for a conditional model, which never uses it).
+
+Sequence layout and ``block_size``: ``logits(seq [B, L], cond [B, Lc])`` runs the
+transformer on ``[cond..., seq[:, :-1]]``, or on ``[start, seq[:, :-1]]`` without a
+condition, so the position holding the last condition token (or the start token) predicts
+``seq[:, 0]`` and every later position predicts the next image token. The causal mask
+covers the whole input, condition positions included (as in taming). ``block_size`` is the
+number of transformer positions, ``max(Lc, 1) + L - 1``: 256 for a 16×16 grid with a class
+or no condition, 511 (taming uses 512) with a 16×16 spatial condition. A longer input
+raises a ``ValueError`` that says how large ``block_size`` must be.
+
+The training loss (``forward``) and ``nll`` cover the ``L`` image tokens only: no output is
+computed, let alone scored, for the positions whose next token is a condition token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from pydantic import Field, model_validator
+from torch import nn
+
+from vqgen.core.attention import attention
+from vqgen.core.interfaces import ParamsModel, Prior
+
+__all__ = ["GPT", "GPTState", "KVCache"]
+
+SampleFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+class GPTParams(ParamsModel):
+    """Config of :class:`GPT`; Tab. 8 of the paper gives the sizes it used."""
+
+    vocab_size: int = Field(512, ge=1, description="image codes: ids [0, vocab_size)")
+    cond_vocab_size: int = Field(
+        0, ge=0, description="condition ids [vocab_size, vocab_size + cond_vocab_size)"
+    )
+    block_size: int = Field(256, ge=1, description="transformer positions: max(Lc, 1) + L - 1")
+    n_layer: int = Field(12, ge=1)
+    n_head: int = Field(8, ge=1)
+    n_embd: int = Field(256, ge=1)
+    embd_pdrop: float = Field(0.0, ge=0.0, lt=1.0)
+    resid_pdrop: float = Field(0.0, ge=0.0, lt=1.0)
+    attn_pdrop: float = Field(0.0, ge=0.0, lt=1.0)
+    attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
+    start_token: Annotated[int, Field(ge=0)] | Literal["learned"] = Field(
+        "learned", description="table id fed as start token, or 'learned': a row of its own"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> GPTParams:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        rows = self.vocab_size + self.cond_vocab_size
+        if self.start_token != "learned" and self.start_token >= rows:
+            raise ValueError(
+                f"start_token={self.start_token} is not an id of the embedding table "
+                f"[0, vocab_size + cond_vocab_size = {rows})"
+            )
+        return self
+
+
+class KVCache:
+    """Keys and values of one layer for positions ``0 .. length - 1``.
+
+    Preallocated to ``capacity`` (= block_size) positions on first use and written in
+    place, so decoding ``L`` tokens costs ``O(L)`` copies, not ``O(L²)``.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v [B, nh, T, hs]``; return all keys and values so far."""
+        t0, t1 = self.length, self.length + k.shape[2]
+        if t1 > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions (block_size), needs {t1}")
+        if self.k is None or self.v is None:
+            b, nh, _, hs = k.shape
+            self.k = k.new_empty(b, nh, self.capacity, hs)  # (B, nh, block_size, hs)
+            self.v = v.new_empty(b, nh, self.capacity, hs)  # (B, nh, block_size, hs)
+        self.k[:, :, t0:t1] = k
+        self.v[:, :, t0:t1] = v
+        self.length = t1
+        return self.k[:, :, :t1], self.v[:, :, :t1]  # (B, nh, t1, hs)
+
+
+@dataclass
+class GPTState:
+    """Decoding state: one KV cache per layer, and the logits not yet handed out."""
+
+    caches: list[KVCache]
+    pending: torch.Tensor | None  # (B, V): logits for the first image token, until taken
+    batch_size: int
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with an output projection (taming's names)."""
+
+    def __init__(
+        self, n_embd: int, n_head: int, attn_pdrop: float, resid_pdrop: float, backend: str
+    ) -> None:
+        super().__init__()
+        self.key = nn.Linear(n_embd, n_embd)
+        self.query = nn.Linear(n_embd, n_embd)
+        self.value = nn.Linear(n_embd, n_embd)
+        self.resid_drop = nn.Dropout(resid_pdrop)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.n_head, self.attn_pdrop, self.backend = n_head, attn_pdrop, backend
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        heads = "b t (nh hs) -> b nh t hs"
+        k = rearrange(self.key(x), heads, nh=self.n_head)  # (B, nh, T, hs)
+        q = rearrange(self.query(x), heads, nh=self.n_head)  # (B, nh, T, hs)
+        v = rearrange(self.value(x), heads, nh=self.n_head)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
+        p = self.attn_pdrop if self.training else 0.0
+        y = attention(q, k, v, causal=True, backend=self.backend, dropout_p=p)  # (B, nh, T, hs)
+        y = rearrange(y, "b nh t hs -> b t (nh hs)")  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+    def __init__(
+        self, n_embd: int, n_head: int, attn_pdrop: float, resid_pdrop: float, backend: str
+    ) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head, attn_pdrop, resid_pdrop, backend)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(resid_pdrop),
+        )
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)  # (B, T, C)
+        return x + self.mlp(self.ln2(x))  # (B, T, C)
+
+
+class GPT(Prior):
+    """GPT-2-style transformer prior over image codes, with KV-cache decoding.
+
+    See the module docstring for the id layout (image codes, offset condition tokens,
+    start token) and for ``block_size`` (``max(Lc, 1) + L - 1`` transformer positions).
+    ``forward(seq, cond)`` returns the training loss; ``start``/``step`` decode with a KV
+    cache; ``generate`` samples whole sequences. Call ``.eval()`` before decoding.
+    """
+
+    Params = GPTParams
+
+    def __init__(
+        self,
+        vocab_size: int = 512,
+        cond_vocab_size: int = 0,
+        block_size: int = 256,
+        n_layer: int = 12,
+        n_head: int = 8,
+        n_embd: int = 256,
+        embd_pdrop: float = 0.0,
+        resid_pdrop: float = 0.0,
+        attn_pdrop: float = 0.0,
+        attention: Literal["auto", "xformers", "sdpa", "math"] = "auto",
+        start_token: int | Literal["learned"] = "learned",
+    ) -> None:
+        super().__init__(
+            vocab_size=vocab_size,
+            cond_vocab_size=cond_vocab_size,
+            block_size=block_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            embd_pdrop=embd_pdrop,
+            resid_pdrop=resid_pdrop,
+            attn_pdrop=attn_pdrop,
+            attention=attention,
+            start_token=start_token,
+        )
+        p = self.params
+        assert isinstance(p, GPTParams)
+        self.vocab_size = p.vocab_size
+        self.cond_vocab_size = p.cond_vocab_size
+        self.block_size = p.block_size
+        learned = p.start_token == "learned"
+        rows = p.vocab_size + p.cond_vocab_size + learned
+        self.start_id = rows - 1 if learned else int(p.start_token)
+        # input embedding stem
+        self.tok_emb = nn.Embedding(rows, p.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, p.block_size, p.n_embd))
+        self.drop = nn.Dropout(p.embd_pdrop)
+        # transformer
+        self.blocks = nn.Sequential(
+            *[
+                Block(p.n_embd, p.n_head, p.attn_pdrop, p.resid_pdrop, p.attention)
+                for _ in range(p.n_layer)
+            ]
+        )
+        # decoder head: image codes only
+        self.ln_f = nn.LayerNorm(p.n_embd)
+        self.head = nn.Linear(p.n_embd, p.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """minGPT's init: N(0, 0.02) weights, zero biases, LayerNorm ones/zeros."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; without ``tok_emb`` and ``pos_emb`` by default."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.numel()
+        return n
+
+    # -- inputs -------------------------------------------------------------
+    def _prefix(self, cond: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """The condition tokens ``[B, Lc]``, or the start token ``[B, 1]``."""
+        if cond is not None and cond.shape[-1] > 0:
+            if cond.ndim != 2 or cond.shape[0] != batch_size:
+                raise ValueError(
+                    f"cond must be [B={batch_size}, Lc] int64, got shape {tuple(cond.shape)}"
+                )
+            if cond.dtype != torch.long:
+                raise TypeError(f"cond must be int64 token ids, got {cond.dtype}")
+            return cond
+        device = self.pos_emb.device
+        return torch.full((batch_size, 1), self.start_id, dtype=torch.long, device=device)
+
+    def _check(self, seq: torch.Tensor, prefix: torch.Tensor, *, is_cond: bool) -> None:
+        """Shapes, dtypes, id ranges (one device sync) and the block size.
+
+        ``prefix`` is the condition when ``is_cond`` (``_prefix`` returns ``cond`` itself),
+        else the start token.
+        """
+        if seq.ndim != 2 or seq.dtype != torch.long:
+            raise ValueError(f"seq must be [B, L] int64, got {tuple(seq.shape)} {seq.dtype}")
+        n = prefix.shape[1] + seq.shape[1] - 1
+        if n > self.block_size:
+            raise ValueError(
+                f"sequence too long for GPT block_size={self.block_size}: "
+                f"{prefix.shape[1] if is_cond else 0} condition + {seq.shape[1]} image tokens "
+                f"need max(Lc, 1) + L - 1 = {n} positions; raise block_size to at least {n}"
+            )
+        lo, hi = self._cond_range()
+        bad_seq = ((seq < 0) | (seq >= self.vocab_size)).any()
+        bad_cond = ((prefix < lo) | (prefix >= hi)).any() if is_cond else torch.zeros_like(bad_seq)
+        bad_seq, bad_cond = torch.stack([bad_seq, bad_cond]).tolist()  # one device sync
+        if bad_cond:
+            raise ValueError(
+                f"condition tokens must lie in [{lo}, {hi}) (image codes come first; the "
+                f"pipeline offsets condition ids by vocab_size={self.vocab_size}), got "
+                f"[{int(prefix.min())}, {int(prefix.max())}]"
+            )
+        if bad_seq:
+            raise ValueError(
+                f"image codes must lie in [0, {self.vocab_size}), got "
+                f"[{int(seq.min())}, {int(seq.max())}]"
+            )
+
+    def _cond_range(self) -> tuple[int, int]:
+        """Valid condition ids: their own range, or the shared table (taming's layout)."""
+        if self.cond_vocab_size == 0:
+            return 0, self.vocab_size
+        return self.vocab_size, self.vocab_size + self.cond_vocab_size
+
+    # -- the transformer ----------------------------------------------------
+    def hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Transformer features ``[B, T, n_embd]`` (after ``ln_f``) of input ids ``[B, T]``.
+
+        With ``caches`` the ids continue the positions already cached.
+        """
+        t0 = caches[0].length if caches else 0
+        t = idx.shape[1]
+        if t0 + t > self.block_size:
+            raise ValueError(
+                f"GPT block_size={self.block_size} exhausted: {t0 + t} positions requested"
+            )
+        x = self.tok_emb(idx) + self.pos_emb[:, t0 : t0 + t]  # (B, T, C)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches else None)  # (B, T, C)
+        return self.ln_f(x)  # (B, T, C)
+
+    def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, L, vocab_size]``: logits ``i`` predict ``seq[:, i]`` from cond, ``seq[:, :i]``.
+
+        Only the image positions go through the head.
+        """
+        b, n = seq.shape[0], seq.shape[-1]
+        prefix = self._prefix(cond, b)  # (B, P)
+        self._check(seq, prefix, is_cond=prefix is cond)
+        if n == 0:
+            return seq.new_zeros(b, 0, self.vocab_size, dtype=self.head.weight.dtype)
+        idx = torch.cat([prefix, seq[:, :-1]], dim=1)  # (B, P + L - 1)
+        h = self.hidden(idx)  # (B, P + L - 1, C)
+        return self.head(h[:, prefix.shape[1] - 1 :])  # (B, L, V): image positions only
+
+    def forward(
+        self,
+        seq: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training loss: mean cross-entropy (nats) of the image tokens.
+
+        ``targets [B, L]`` defaults to ``seq``; entries of ``-100`` are ignored.
+        """
+        logits = self.logits(seq, cond)  # (B, L, V)
+        targets = seq if targets is None else targets  # (B, L)
+        return F.cross_entropy(
+            rearrange(logits, "b l v -> (b l) v").float(), targets.reshape(-1), ignore_index=-100
+        )
+
+    # -- incremental decoding -------------------------------------------------
+    @torch.no_grad()
+    def start(self, cond: torch.Tensor | None, batch_size: int) -> GPTState:
+        """Consume the condition (or the start token) into fresh KV caches."""
+        prefix = self._prefix(cond, batch_size)  # (B, P)
+        self._check(prefix.new_zeros(batch_size, 1), prefix, is_cond=prefix is cond)
+        caches = [KVCache(self.block_size) for _ in self.blocks]
+        h = self.hidden(prefix, caches)  # (B, P, C)
+        return GPTState(caches, self.head(h[:, -1]), batch_size)  # pending: (B, V)
+
+    @torch.no_grad()
+    def step(self, state: GPTState, token: torch.Tensor | None) -> tuple[torch.Tensor, GPTState]:
+        """Feed the previous image token ``[B]`` (``None`` first); next logits ``[B, V]``.
+
+        The state is updated in place and returned.
+        """
+        if token is None:
+            if state.pending is None:
+                raise ValueError("step(state, None) is only for the first call after start()")
+            logits, state.pending = state.pending, None
+            return logits, state
+        if state.pending is not None:
+            raise ValueError("the first step() after start() takes token=None")
+        token = token.reshape(state.batch_size, 1)  # (B, 1)
+        h = self.hidden(token, state.caches)  # (B, 1, C)
+        return self.head(h[:, -1]), state  # (B, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cond: torch.Tensor | None,
+        length: int,
+        batch_size: int | None = None,
+        sample_fn: SampleFn | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``[B, length]`` image codes (in eval mode; the mode is restored).
+
+        ``sample_fn(logits [B, V], generator) -> [B]`` picks each token (e.g. a
+        ``vqgen.Sampler``'s ``sample``); the default draws from the softmax.
+        """
+        b = batch_size if batch_size is not None else (cond.shape[0] if cond is not None else 1)
+        sample_fn = sample_fn or _multinomial
+        was_training = self.training
+        self.eval()
+        try:
+            state, token, out = self.start(cond, b), None, []
+            for _ in range(length):
+                logits, state = self.step(state, token)  # (B, V)
+                token = sample_fn(logits, generator)  # (B,)
+                out.append(token)
+        finally:
+            self.train(was_training)
+        if not out:
+            return torch.zeros(b, 0, dtype=torch.long, device=self.pos_emb.device)
+        return torch.stack(out, dim=1)  # (B, length)
+
+
+def _multinomial(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from ``softmax(logits)``: ``[B, V]`` → ``[B]``."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

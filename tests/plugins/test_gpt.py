@@ -1,0 +1,241 @@
+"""GPT prior: KV-cache decoding equals the full forward, causality, image-only loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import vqgen
+from vqgen.core.attention import xformers_available
+from vqgen.core.interfaces import signature_problems
+from vqgen.core.registry import ComponentError
+from vqgen.plugins.gpt import GPT
+
+V, CV, B, L = 16, 5, 3, 10
+
+BACKENDS = [
+    "sdpa",
+    "math",
+    pytest.param(
+        "xformers",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny models run faster, and steadier on a busy machine, on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(**kw: Any) -> GPT:
+    torch.manual_seed(0)
+    args: dict[str, Any] = dict(
+        vocab_size=V, cond_vocab_size=CV, block_size=32, n_layer=2, n_head=2, n_embd=32
+    )
+    return GPT(**{**args, **kw}).eval()
+
+
+def data(lc: int | None, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, V, (B, L), generator=g)  # (B, L)
+    cond = None if lc is None else torch.randint(V, V + CV, (B, lc), generator=g)  # (B, Lc)
+    return seq, cond
+
+
+def decode_all(m: Any, seq: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """Logits of every position from start/step, feeding the true tokens."""
+    state, token, out = m.start(cond, seq.shape[0]), None, []
+    for i in range(seq.shape[1]):
+        logits, state = m.step(state, token)  # (B, V)
+        out.append(logits)
+        token = seq[:, i]
+    return torch.stack(out, dim=1)  # (B, L, V)
+
+
+def test_constructor_and_registry() -> None:
+    assert signature_problems(GPT) == []
+    assert GPT.__doc__
+    reg = vqgen.default_registry().copy()
+    if "gpt" not in reg.list("prior"):
+        reg.add("prior", "gpt", GPT)
+    m = reg.create("prior", "gpt", {"n_layer": 1, "n_embd": 64, "n_head": 4})
+    assert isinstance(m, GPT) and m.params.n_layer == 1
+    with pytest.raises(ComponentError, match="n_embd=60 is not divisible by n_head=8"):
+        reg.create("prior", "gpt", {"n_embd": 60})
+    with pytest.raises(ComponentError, match="start_token"):
+        reg.create("prior", "gpt", {"vocab_size": 8, "start_token": 8})
+
+
+def test_names_and_shapes_follow_taming() -> None:
+    m = tiny(n_layer=1, cond_vocab_size=0, start_token=0)
+    shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    expected = {
+        "tok_emb.weight": (V, 32),  # shared table: image codes only, no extra row
+        "pos_emb": (1, 32, 32),
+        "blocks.0.ln1.weight": (32,),
+        "blocks.0.ln1.bias": (32,),
+        "blocks.0.ln2.weight": (32,),
+        "blocks.0.ln2.bias": (32,),
+        "blocks.0.mlp.0.weight": (128, 32),
+        "blocks.0.mlp.0.bias": (128,),
+        "blocks.0.mlp.2.weight": (32, 128),
+        "blocks.0.mlp.2.bias": (32,),
+        "ln_f.weight": (32,),
+        "ln_f.bias": (32,),
+        "head.weight": (V, 32),  # no bias
+    }
+    for name in ("key", "query", "value", "proj"):
+        expected[f"blocks.0.attn.{name}.weight"] = (32, 32)
+        expected[f"blocks.0.attn.{name}.bias"] = (32,)
+    assert shapes == expected
+    # own condition range plus a learned start row
+    assert tiny().tok_emb.weight.shape == (V + CV + 1, 32)
+    assert tiny().start_id == V + CV
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lc", [None, 1, 4])
+def test_kv_cache_equals_full_forward(backend: str, lc: int | None) -> None:
+    m = tiny(attention=backend)
+    seq, cond = data(lc)
+    if backend == "xformers":
+        if not xformers_available():
+            pytest.skip("xformers is not installed or does not run on this GPU")
+        m, seq = m.cuda(), seq.cuda()
+        cond = None if cond is None else cond.cuda()
+    full = m.logits(seq, cond)  # (B, L, V)
+    assert full.shape == (B, L, V)
+    torch.testing.assert_close(decode_all(m, seq, cond), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_with_tamings_shared_layout() -> None:
+    """cond_vocab_size=0: condition ids share the image-code table; an SOS id is fed."""
+    m = tiny(cond_vocab_size=0, start_token=3)
+    seq, _ = data(None)
+    cond = torch.randint(0, V, (B, 2))
+    for c in (None, cond):
+        torch.testing.assert_close(decode_all(m, seq, c), m.logits(seq, c), atol=1e-5, rtol=0)
+    # unconditional = conditioned on the start id
+    torch.testing.assert_close(m.logits(seq), m.logits(seq, torch.full((B, 1), 3)))
+
+
+def test_backends_agree() -> None:
+    seq, cond = data(4)
+    out = {b: tiny(attention=b).logits(seq, cond) for b in ("sdpa", "math")}
+    torch.testing.assert_close(out["sdpa"], out["math"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lc", [None, 3])
+def test_causal(lc: int | None) -> None:
+    m = tiny()
+    seq, cond = data(lc)
+    full = m.logits(seq, cond)
+    for j in range(L):
+        changed = seq.clone()
+        changed[:, j] = (changed[:, j] + 1) % V
+        out = m.logits(changed, cond)
+        assert torch.equal(out[:, : j + 1], full[:, : j + 1]), j
+        if j < L - 1:
+            assert not torch.allclose(out[:, j + 1], full[:, j + 1])
+
+
+def test_condition_changes_the_prediction() -> None:
+    m = tiny()
+    seq, cond = data(1)
+    assert cond is not None
+    other = V + (cond - V + 1) % CV
+    assert not torch.allclose(m.logits(seq, cond)[:, 0], m.logits(seq, other)[:, 0])
+
+
+def test_loss_is_on_image_tokens_only() -> None:
+    """Outputs at positions whose next token is a condition token never reach the loss."""
+    m = tiny()
+    seq, cond = data(4)
+    assert cond is not None
+    loss = m(seq, cond)
+    logits = m.logits(seq, cond)
+    assert logits.shape[-1] == V == m.head.out_features  # the head predicts image codes only
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, V), seq.reshape(-1))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(loss, m.nll(seq, cond).mean())
+
+    noise = torch.randn(B, 4, 32, generator=torch.Generator().manual_seed(0))
+
+    def perturb(positions: slice) -> torch.Tensor:
+        def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            out[:, positions] += 10.0 * noise[:, positions]
+            return out
+
+        handle = m.blocks[-1].register_forward_hook(hook)
+        try:
+            return m(seq, cond)
+        finally:
+            handle.remove()
+
+    # transformer positions 0..Lc-2 would predict condition tokens 1..Lc-1: no effect
+    assert torch.equal(perturb(slice(0, 3)), loss)
+    # position Lc-1 predicts the first image token: it counts
+    assert not torch.allclose(perturb(slice(3, 4)), loss)
+    # targets: -100 is ignored, and only the given image targets are scored
+    targets = seq.clone()
+    targets[:, :5] = -100
+    part = m(seq, cond, targets)
+    ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, V), seq[:, 5:].reshape(-1))
+    torch.testing.assert_close(part, ref)
+
+
+def test_too_long_and_bad_ids_are_clear_errors() -> None:
+    m = tiny(block_size=12)
+    seq, cond = data(3)  # 3 + 10 - 1 = 12 positions: fits
+    m.logits(seq, cond)
+    with pytest.raises(ValueError, match=r"block_size=12.*= 13 positions.*at least 13"):
+        m.logits(seq, torch.cat([cond, cond[:, :1]], dim=1))  # type: ignore[index]
+    with pytest.raises(ValueError, match="block_size"):
+        m.logits(torch.zeros(B, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"condition tokens must lie in \[16, 21\)"):
+        m.logits(seq, torch.zeros(B, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"image codes must lie in \[0, 16\)"):
+        m.logits(seq + V)
+    state = m.start(cond, B)
+    m.step(state, None)
+    for i in range(L - 1):
+        m.step(state, seq[:, i])
+    with pytest.raises(ValueError, match="block_size=12"):
+        m.step(state, seq[:, -1])
+
+
+def test_generate() -> None:
+    m = tiny().train()
+    _, cond = data(1)
+    a = m.generate(cond, L, generator=torch.Generator().manual_seed(0))
+    b = m.generate(cond, L, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (B, L) and a.dtype == torch.long and torch.equal(a, b)
+    assert int(a.min()) >= 0 and int(a.max()) < V
+    assert m.training  # mode restored
+    greedy = m.generate(None, 4, batch_size=2, sample_fn=lambda lg, g: lg.argmax(-1))
+    assert greedy.shape == (2, 4)
+
+
+def test_overfits_a_tiny_batch() -> None:
+    m = tiny().train()
+    seq, _ = data(None, seed=2)
+    cond = torch.arange(V, V + B)[:, None]  # one class per sequence
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = float(m(seq, cond).detach())
+    for _ in range(50):
+        loss = m(seq, cond)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.2 * first, (first, float(loss.detach()))
