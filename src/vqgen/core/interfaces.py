@@ -233,6 +233,11 @@ class Sampler(Component):
     shape (temperature applied, excluded ids set to ``-inf``; at least one id per
     row stays finite). ``sample`` draws ``int64 [B]`` from the warped
     distribution, reproducibly from ``generator``.
+
+    A sampler that judges finished samples (rejection sampling) also has
+    ``draw_and_select(draw, labels, generator) -> (images, codes, acceptance)``,
+    where ``draw(idx) -> (images, codes)`` samples candidates for the requested
+    ``labels[idx]``; the Pipeline hands it that closure.
     """
 
     @abstractmethod

@@ -1,0 +1,353 @@
+"""The Pipeline: one tokenizer, conditioner, ordering, prior and sampler, composed.
+
+It owns the seams between the stages:
+
+* **Ids.** Image codes are ``[0, V)`` with ``V = tokenizer.vocab_size``; condition
+  tokens are shifted by ``cond_offset`` (default ``V``) into their own range
+  ``[V, V + conditioner.vocab_size)`` before the prior sees them. ``cond_offset=0``
+  reproduces taming-transformers' layout, where condition ids share the image-code
+  table.
+* **Order.** The ordering is applied once: the grid is flattened into the prior's
+  sequence on the way in and unflattened on the way out.
+* **Canvas.** ``generate`` samples the training grid with the prior's KV cache
+  (O(L) steps). A larger canvas is sampled with a sliding window (Fig. 3 of the
+  paper): each token is predicted by the prior from a training-size window that
+  contains it, clamped at the borders, in row-major order inside the window; a
+  spatial condition is windowed the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vqgen.core.errors import VqgenError
+from vqgen.core.interfaces import Conditioner, Ordering, Prior, Sampler, Tokenizer
+
+__all__ = ["Generation", "Pipeline", "RasterOrder", "window_origin"]
+
+
+class RasterOrder(Ordering):
+    """Row-major order, the pipeline's default when no ordering is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def permutation(self, h: int, w: int) -> torch.Tensor:
+        return torch.arange(h * w)
+
+
+@dataclass
+class Generation:
+    """What ``Pipeline.generate`` returns."""
+
+    images: torch.Tensor  # (n, C, H, W) in [-1, 1] (approximately)
+    codes: torch.Tensor  # (n, h, w) int64
+    labels: torch.Tensor | None = None  # (n,) requested classes, where given
+    acceptance: float | None = None  # rejection sampling: kept / drawn
+
+
+def window_origin(i: int, size: int, window: int) -> int:
+    """First row (or column) of the ``window``-long window that predicts cell ``i`` of a
+    ``size``-long axis: centred on ``i`` where possible, clamped at the borders."""
+    return min(max(i - window // 2, 0), max(size - window, 0))
+
+
+class Pipeline(nn.Module):
+    """Compose the five stages; see the module docstring for the seams it owns.
+
+    ``grid`` is the latent grid ``(h, w)`` the prior was trained on (the default
+    canvas, and the sliding window's size).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prior: Prior | None = None,
+        *,
+        grid: tuple[int, int],
+        ordering: Ordering | None = None,
+        sampler: Sampler | None = None,
+        conditioner: Conditioner | None = None,
+        cond_offset: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.prior = prior
+        self.conditioner = conditioner
+        self.ordering = ordering or RasterOrder()
+        self.sampler = sampler
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.cond_offset = tokenizer.vocab_size if cond_offset is None else int(cond_offset)
+        if prior is not None and prior.vocab_size != tokenizer.vocab_size:
+            raise VqgenError(
+                f"prior.params.vocab_size is {prior.vocab_size} but the tokenizer has "
+                f"{tokenizer.vocab_size} codes; set prior.params.vocab_size: "
+                f"{tokenizer.vocab_size}"
+            )
+        cond_vocab = getattr(prior, "cond_vocab_size", None)
+        if (
+            prior is not None
+            and conditioner is not None
+            and cond_offset is None
+            and cond_vocab is not None
+            and cond_vocab != conditioner.vocab_size
+        ):
+            raise VqgenError(
+                f"prior.params.cond_vocab_size is {cond_vocab} but the conditioner has "
+                f"{conditioner.vocab_size} tokens; set prior.params.cond_vocab_size: "
+                f"{conditioner.vocab_size}"
+            )
+
+    # -- the seams ----------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def cond_batch(self, condition: Any, n: int) -> dict[str, Any] | None:
+        """Normalise a ``condition`` argument to a batch mapping of ``n`` samples.
+
+        ``None`` (unconditional), a class id or a sequence/tensor of ``n`` class ids
+        (shorthand for ``{"label": ...}``), or a mapping of condition tensors with a
+        leading batch dimension of ``n`` or 1 (broadcast).
+        """
+        if condition is None:
+            if self.conditioner is not None:
+                raise VqgenError(
+                    f"this pipeline is conditional ({type(self.conditioner).__name__}); "
+                    "pass a condition"
+                )
+            return None
+        if self.conditioner is None:
+            raise VqgenError("this pipeline has no conditioner, so it takes no condition")
+        if not isinstance(condition, Mapping):
+            labels = torch.as_tensor(condition, dtype=torch.long).reshape(-1)  # (n or 1,)
+            condition = {"label": labels}
+        batch: dict[str, Any] = {}
+        for key, value in condition.items():
+            if isinstance(value, torch.Tensor):
+                if value.ndim == 0:
+                    value = value[None]
+                if value.shape[0] == 1 and n > 1:
+                    value = value.expand(n, *value.shape[1:])
+                elif value.shape[0] != n:
+                    raise VqgenError(
+                        f"condition {key!r} has {value.shape[0]} entries; expected {n} or 1"
+                    )
+                value = value.to(self.device)
+            batch[key] = value
+        return batch
+
+    def cond_tokens(self, batch: Mapping[str, Any] | None) -> torch.Tensor | None:
+        """Condition tokens ``[B, Lc]``, offset into the prior's id range."""
+        if batch is None or self.conditioner is None:
+            return None
+        return self.conditioner.tokens(batch) + self.cond_offset  # (B, Lc)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, C, H, W]`` → code grid ``[B, h, w]``."""
+        return self.tokenizer.encode(images)
+
+    @torch.no_grad()
+    def tokens(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A data batch → ``(seq [B, L], cond [B, Lc] | None)`` as the prior trains on it."""
+        codes = self.encode(batch["image"])  # (B, h, w)
+        return self.ordering.flatten(codes), self.cond_tokens(batch)
+
+    def nll(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """``[B]`` negative log-likelihood, nats per image token."""
+        seq, cond = self.tokens(batch)
+        return self._require_prior().nll(seq, cond)
+
+    def _require_prior(self) -> Prior:
+        if self.prior is None:
+            raise VqgenError("this pipeline has no prior (a stage-1-only config)")
+        return self.prior
+
+    # -- generation ---------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        n: int,
+        condition: Any = None,
+        *,
+        size: tuple[int, int] | None = None,
+        sampler: Sampler | None = None,
+        seed: int | None = None,
+        prefix: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> Generation:
+        """Sample ``n`` images.
+
+        ``size`` is the image size ``(H, W)`` in pixels (default: the training grid);
+        ``prefix`` is a partial code grid ``[n or 1, r, w]`` of the top ``r`` rows to
+        complete; ``seed`` makes the draw reproducible. With a rejection sampler the
+        result also carries the acceptance rate achieved.
+        """
+        if n < 1:
+            raise VqgenError(f"n must be at least 1, got {n}")
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise VqgenError("no sampler: pass sampler= or give the config a sampler section")
+        h, w = self._canvas(size)
+        prefix = self._check_prefix(prefix, n, h, w)
+        cond = self.cond_batch(condition, n)
+        labels = cond.get("label") if cond is not None else None
+        device = self.device
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        bs = batch_size or n
+
+        def draw(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Codes and decoded images for the samples ``idx`` of the request."""
+            sub = {k: v[idx] if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()}
+            pre = prefix[idx] if prefix is not None else None
+            codes = self._sample_codes(len(idx), h, w, sub or None, sampler, gen, pre)
+            return self.tokenizer.decode(codes), codes
+
+        select = getattr(sampler, "draw_and_select", None)
+        if select is not None:  # a rejection sampler judges finished samples
+            if labels is None:
+                raise VqgenError("rejection sampling needs a class condition to judge against")
+            images, codes, acceptance = select(draw, labels, gen)
+            return Generation(images, codes, labels, acceptance)
+        chunks = [draw(torch.arange(i, min(i + bs, n), device=device)) for i in range(0, n, bs)]
+        images = torch.cat([c[0] for c in chunks])  # (n, C, H, W)
+        codes = torch.cat([c[1] for c in chunks])  # (n, h, w)
+        return Generation(images, codes, labels)
+
+    def _canvas(self, size: tuple[int, int] | None) -> tuple[int, int]:
+        if size is None:
+            return self.grid
+        try:
+            return self.tokenizer.latent_shape(int(size[0]), int(size[1]))
+        except ValueError as exc:
+            raise VqgenError(str(exc)) from None
+
+    def _check_prefix(
+        self, prefix: torch.Tensor | None, n: int, h: int, w: int
+    ) -> torch.Tensor | None:
+        if prefix is None:
+            return None
+        if prefix.ndim == 2:
+            prefix = prefix[None]
+        if prefix.ndim != 3 or prefix.shape[2] != w or prefix.shape[1] > h:
+            raise VqgenError(
+                f"prefix must be the top rows of the code grid, [n, r <= {h}, {w}]; "
+                f"got {tuple(prefix.shape)}"
+            )
+        if prefix.shape[0] not in (1, n):
+            raise VqgenError(f"prefix has {prefix.shape[0]} grids; expected {n} or 1")
+        known = prefix.shape[1] * w
+        first = self.ordering.permutation(h, w)[:known]
+        if not torch.equal(torch.sort(first).values, torch.arange(known)):
+            raise VqgenError(
+                f"the {type(self.ordering).__name__} ordering does not visit the top "
+                f"{prefix.shape[1]} rows first, so they cannot be completed from; use row_major"
+            )
+        return prefix.expand(n, -1, -1).to(self.device)
+
+    def _sample_codes(
+        self,
+        b: int,
+        h: int,
+        w: int,
+        cond: Mapping[str, Any] | None,
+        sampler: Sampler,
+        gen: torch.Generator | None,
+        prefix: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``[b, h, w]`` codes: cached decoding on the training grid, else sliding."""
+        prior = self._require_prior()
+        if (h, w) == self.grid:
+            return self._sample_cached(prior, b, h, w, cond, sampler, gen, prefix)
+        if h < self.grid[0] or w < self.grid[1]:
+            raise VqgenError(
+                f"canvas {h}x{w} latents is smaller than the training grid "
+                f"{self.grid[0]}x{self.grid[1]} in one dimension; sample at least the "
+                "training size"
+            )
+        if not torch.equal(self.ordering.permutation(h, w), torch.arange(h * w)):
+            raise VqgenError(
+                f"canvases larger than the training grid are sampled with a sliding window, "
+                f"which needs row-major order; this pipeline uses "
+                f"{type(self.ordering).__name__}"
+            )
+        return self._sample_sliding(prior, b, h, w, cond, sampler, gen, prefix)
+
+    def _sample_cached(
+        self,
+        prior: Prior,
+        b: int,
+        h: int,
+        w: int,
+        cond: Mapping[str, Any] | None,
+        sampler: Sampler,
+        gen: torch.Generator | None,
+        prefix: torch.Tensor | None,
+    ) -> torch.Tensor:
+        known = self.ordering.flatten(prefix) if prefix is not None else None  # (b, r*w)
+        n_known = known.shape[1] if known is not None else 0
+        state = prior.start(self.cond_tokens(cond), b)
+        token: torch.Tensor | None = None
+        seq = []
+        for i in range(h * w):
+            logits, state = prior.step(state, token)  # (b, V)
+            token = known[:, i] if known is not None and i < n_known else sampler.sample(
+                logits, generator=gen
+            )  # (b,)
+            seq.append(token)
+        return self.ordering.unflatten(torch.stack(seq, dim=1), h, w)  # (b, h, w)
+
+    def _sample_sliding(
+        self,
+        prior: Prior,
+        b: int,
+        h: int,
+        w: int,
+        cond: Mapping[str, Any] | None,
+        sampler: Sampler,
+        gen: torch.Generator | None,
+        prefix: torch.Tensor | None,
+    ) -> torch.Tensor:
+        wh, ww = self.grid
+        codes = torch.zeros(b, h, w, dtype=torch.long, device=self.device)  # (b, h, w)
+        n_known = 0
+        if prefix is not None:
+            codes[:, : prefix.shape[1]] = prefix
+            n_known = prefix.shape[1] * w
+        cond_grid = self._cond_grid(cond, h, w)  # (b, h, w) spatial condition, or None
+        cond_flat = self.cond_tokens(cond) if cond_grid is None else None  # (b, Lc)
+        for i in range(h):
+            top = window_origin(i, h, wh)
+            for j in range(w):
+                if i * w + j < n_known:
+                    continue
+                left = window_origin(j, w, ww)
+                window = codes[:, top : top + wh, left : left + ww].reshape(b, -1)  # (b, wh*ww)
+                c = cond_flat
+                if cond_grid is not None:
+                    c = cond_grid[:, top : top + wh, left : left + ww].reshape(b, -1)
+                    c = c + self.cond_offset  # (b, wh*ww)
+                pos = (i - top) * ww + (j - left)
+                logits = prior.logits(window, c)[:, pos]  # (b, V): sees window[:, :pos] only
+                codes[:, i, j] = sampler.sample(logits, generator=gen)
+        return codes
+
+    def _cond_grid(self, cond: Mapping[str, Any] | None, h: int, w: int) -> torch.Tensor | None:
+        """The spatial condition as a ``[b, h, w]`` token grid (before offsetting)."""
+        if cond is None or self.conditioner is None or not self.conditioner.spatial:
+            return None
+        grid = self.conditioner.grid(cond)  # (b, hc, wc)
+        if tuple(grid.shape[1:]) != (h, w):
+            raise VqgenError(
+                f"the spatial condition is a {grid.shape[1]}x{grid.shape[2]} token grid but "
+                f"the canvas is {h}x{w} latents; give a condition of the canvas size"
+            )
+        return grid
+
