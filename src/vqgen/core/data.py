@@ -42,9 +42,12 @@ points. Depth values are passed through (no direction flip): the built-in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -66,10 +69,12 @@ __all__ = [
     "CONDITIONS",
     "IMAGE_EXTENSIONS",
     "DataWarning",
+    "TokenCache",
     "FolderDataset",
     "load_rgb",
     "preview_tiles",
     "save_image_grid",
+    "state_hash",
     "u8_to_image",
     "write_preview",
 ]
@@ -654,3 +659,130 @@ def write_preview(
         tiles += row_tiles + [blank] * (per_class * per_sample - len(row_tiles))
     per_row = per_class * per_sample
     return save_image_grid(torch.stack(tiles), path, nrow=per_row)
+
+
+# -- token cache --------------------------------------------------------------
+def state_hash(*modules: torch.nn.Module | None) -> str:
+    """SHA-256 of the modules' state dicts (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for m in modules:
+        h.update(b"<none>" if m is None else type(m).__qualname__.encode())
+        if m is None:
+            continue
+        for name, t in sorted(m.state_dict().items()):
+            t = t.detach().cpu().contiguous().reshape(-1)  # (numel,)
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class TokenCache:
+    """A dataset encoded once: code grids ``[N, h, w]`` and condition tokens ``[N, Lc]``.
+
+    Stored as ``.npy`` files under ``root/<key>/`` and opened memory-mapped. The
+    ``key`` hashes the tokenizer's and conditioner's weights and the data settings,
+    so a retrained tokenizer or other data gets a new cache, never a stale one.
+    Grids are stored before the ordering is applied: changing the ordering reuses
+    the cache. The condition tokens are the conditioner's own ids (not offset).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text())
+            self.codes = np.load(self.path / "codes.npy", mmap_mode="r")  # (N, h, w)
+            cond = self.path / "cond.npy"
+            self.cond = np.load(cond, mmap_mode="r") if cond.exists() else None  # (N, Lc)
+        except (OSError, ValueError) as exc:
+            raise VqgenError(f"token cache {self.path} is unreadable ({exc}); delete it") from None
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        out = {"codes": torch.from_numpy(np.asarray(self.codes[index], dtype=np.int64))}
+        if self.cond is not None:
+            out["cond"] = torch.from_numpy(np.asarray(self.cond[index], dtype=np.int64))
+        return out
+
+    @staticmethod
+    def key(tokenizer: torch.nn.Module, conditioner: torch.nn.Module | None, data: Any) -> str:
+        """The cache key: weights of both stages and the data settings (JSON-able)."""
+        spec = json.dumps(data, sort_keys=True, default=str)
+        return hashlib.sha256(
+            (state_hash(tokenizer) + state_hash(conditioner) + spec).encode()
+        ).hexdigest()[:24]
+
+    @classmethod
+    def build(
+        cls,
+        root: str | os.PathLike[str],
+        dataset: Any,
+        tokenizer: Any,
+        conditioner: Any = None,
+        *,
+        data: Any = None,
+        batch_size: int = 64,
+        progress: bool = True,
+    ) -> TokenCache:
+        """Open the cache for these weights and data, encoding the dataset if needed.
+
+        ``data`` describes the dataset (e.g. its config spec) for the key. The
+        cache is written to a temporary folder and renamed into place, so an
+        interrupted build leaves nothing half-written.
+        """
+        from tqdm.auto import tqdm
+
+        key = cls.key(tokenizer, conditioner, data)
+        path = Path(root) / key
+        if (path / "meta.json").exists():
+            return cls(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}."))
+        try:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+            codes_mm = cond_mm = None
+            device = next(iter(tokenizer.parameters()), torch.zeros(())).device
+            with torch.no_grad():
+                i = 0
+                for batch in tqdm(
+                    loader, desc="encoding tokens", unit="batch", disable=not progress
+                ):
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    codes = tokenizer.encode(batch["image"]).cpu().numpy()  # (B, h, w)
+                    cond = conditioner.tokens(batch).cpu().numpy() if conditioner else None
+                    if codes_mm is None:
+                        n = len(dataset)
+                        codes_mm = np.lib.format.open_memmap(
+                            tmp / "codes.npy",
+                            "w+",
+                            _int_dtype(tokenizer.vocab_size),
+                            (n, *codes.shape[1:]),
+                        )
+                        if cond is not None:
+                            cond_mm = np.lib.format.open_memmap(
+                                tmp / "cond.npy",
+                                "w+",
+                                _int_dtype(conditioner.vocab_size),
+                                (n, *cond.shape[1:]),
+                            )
+                    codes_mm[i : i + len(codes)] = codes
+                    if cond_mm is not None:
+                        cond_mm[i : i + len(codes)] = cond
+                    i += len(codes)
+            for mm in (codes_mm, cond_mm):
+                if mm is not None:
+                    mm.flush()
+            meta = {"key": key, "n": len(dataset), "data": data, "vocab_size": tokenizer.vocab_size}
+            (tmp / "meta.json").write_text(json.dumps(meta, default=str, indent=2))
+            del codes_mm, cond_mm
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls(path)
+
+
+def _int_dtype(vocab: int) -> np.dtype:
+    """The smallest integer dtype that holds ids ``[0, vocab)``."""
+    return np.dtype(np.uint8 if vocab <= 256 else np.int16 if vocab <= 32768 else np.int32)

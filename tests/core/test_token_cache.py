@@ -1,0 +1,87 @@
+"""Token cache: encoded once, keyed by weights and data, atomic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import vqgen
+from vqgen.core.data import TokenCache, state_hash
+from vqgen_test_stubs import StubConditioner, StubTokenizer
+
+
+class WeightedTokenizer(StubTokenizer):
+    """The stub tokenizer with a weight, so that retraining changes its hash."""
+
+    def __init__(self, n_embed: int = 16, downsample: int = 4) -> None:
+        super().__init__(n_embed=n_embed, downsample=downsample)
+        self.shift = torch.nn.Parameter(torch.zeros(()))
+        self.calls = 0
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return (super().encode(x) + self.shift.round().long()) % self.vocab_size
+
+
+@pytest.fixture
+def data() -> torch.utils.data.Dataset:
+    return vqgen.create("dataset", "shapes", {"resolution": 32, "length": 40})
+
+
+def test_cache_holds_the_encoded_dataset(tmp_path: Path, data: torch.utils.data.Dataset) -> None:
+    tok, cond = WeightedTokenizer(), StubConditioner()
+    cache = TokenCache.build(tmp_path, data, tok, cond, data={"name": "shapes"}, batch_size=16,
+                             progress=False)
+    assert len(cache) == 40 and tok.calls == 3
+    for i in (0, 17, 39):
+        sample = data[i]
+        expected = tok.encode(sample["image"][None])[0]
+        item = cache[i]
+        assert item["codes"].dtype == torch.int64 and torch.equal(item["codes"], expected)
+        assert item["cond"].tolist() == [int(sample["label"])]
+    assert cache.codes.dtype.itemsize == 1  # 16 codes fit in uint8
+
+    calls = tok.calls
+    again = TokenCache.build(tmp_path, data, tok, cond, data={"name": "shapes"}, progress=False)
+    assert again.path == cache.path and tok.calls == calls  # reused, not re-encoded
+
+
+def test_changed_tokenizer_or_data_invalidates(
+    tmp_path: Path, data: torch.utils.data.Dataset
+) -> None:
+    tok = WeightedTokenizer()
+    a = TokenCache.build(tmp_path, data, tok, data={"res": 32}, progress=False)
+    h = state_hash(tok)
+    with torch.no_grad():
+        tok.shift.fill_(3.0)
+    assert state_hash(tok) != h
+    b = TokenCache.build(tmp_path, data, tok, data={"res": 32}, progress=False)
+    assert b.path != a.path
+    assert torch.equal(b[0]["codes"], (a[0]["codes"] + 3) % 16)
+    c = TokenCache.build(tmp_path, data, tok, data={"res": 64}, progress=False)
+    assert c.path not in (a.path, b.path)
+    assert "cond" not in a[0]
+
+
+def test_interrupted_build_leaves_nothing(tmp_path: Path, data: torch.utils.data.Dataset) -> None:
+    tok = WeightedTokenizer()
+
+    def boom(x: torch.Tensor) -> torch.Tensor:
+        tok.calls += 1
+        if tok.calls == 2:
+            raise KeyboardInterrupt
+        return StubTokenizer.encode(tok, x)
+
+    tok.encode = boom  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        TokenCache.build(tmp_path, data, tok, batch_size=16, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unreadable_cache_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "codes.npy").write_bytes(b"not numpy")
+    with pytest.raises(vqgen.VqgenError, match="token cache .* is unreadable"):
+        TokenCache(tmp_path)
