@@ -124,12 +124,22 @@ class Conditioner(Component, nn.Module):
     ``[B, 3, H, W]``, ``"label"`` ``[B]``, ``"segmentation"`` ``[B, H, W]``,
     ``"depth"`` ``[B, 1, H, W]``, ``"keypoints"`` ``[B, N, K, 3]``) and returns
     ``int64 [B, Lc]`` in ``[0, vocab_size)``: ``Lc = 1`` for a class, ``hc * wc``
-    (row-major) for a spatial map. A spatial conditioner (``spatial = True``) also
-    provides ``grid(batch) -> [B, hc, wc]`` and owns a Tokenizer of its own.
+    (row-major) for a spatial map.
+
+    ``null_id`` (or ``None``) is the token meaning "no condition", used for
+    condition dropout in training and classifier-free guidance in sampling;
+    ``null_like(tokens)`` replaces every token of a batch by it.
+
+    A spatial conditioner (``spatial = True``) also provides ``grid(batch) -> [B,
+    hc, wc]`` and owns a Tokenizer of its own, ``self.tokenizer`` (the paper's
+    "cond stage"), which is trained as its own stage 1 on
+    ``condition_input(batch)`` (the tensor that tokenizer encodes, e.g. a one-hot
+    map or a rendered edge image).
     """
 
     vocab_size: int
     spatial: ClassVar[bool] = False
+    null_id: int | None = None
 
     @abstractmethod
     def tokens(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -138,6 +148,19 @@ class Conditioner(Component, nn.Module):
     def grid(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Spatial conditioners: condition tokens as a grid ``[B, hc, wc]`` int64."""
         raise TypeError(f"{type(self).__name__} is not a spatial conditioner")
+
+    def condition_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Spatial conditioners: what their own tokenizer encodes, ``[B, C, H, W]``."""
+        raise TypeError(f"{type(self).__name__} is not a spatial conditioner")
+
+    def null_like(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``[B, Lc]`` of ``null_id``: the unconditional input for classifier-free guidance."""
+        if self.null_id is None:
+            raise ValueError(
+                f"{type(self).__name__} has no null token, so it supports neither condition "
+                "dropout nor classifier-free guidance"
+            )
+        return torch.full_like(tokens, self.null_id)
 
 
 class Ordering(Component):
