@@ -198,3 +198,57 @@ def test_tokens_and_nll_for_training() -> None:
     codes = pipe.tokenizer.encode(images)
     assert torch.equal(seq, pipe.ordering.flatten(codes)) and cond is None
     assert pipe.nll({"image": images}).shape == (2,)
+
+
+class NullableConditioner(StubConditioner):
+    """The stub class conditioner with a null id after the classes."""
+
+    def __init__(self, n_classes: int = 4) -> None:
+        super().__init__(n_classes=n_classes)
+        self.vocab_size, self.null_id = n_classes + 1, n_classes
+
+
+class RecordingSampler(vqgen.Sampler):
+    """Greedy, remembering the logits it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        self.seen.append(logits.clone())
+        top = logits.argmax(-1, keepdim=True)  # (B, 1)
+        return torch.full_like(logits, float("-inf")).scatter(1, top, 0.0)
+
+
+@pytest.mark.parametrize("size", [None, (24, 24)])
+def test_classifier_free_guidance_mixes_cond_and_null_logits(
+    size: tuple[int, int] | None,
+) -> None:
+    prior = RecordingPrior(cond_vocab_size=5)
+    sampler = RecordingSampler()
+    pipe = Pipeline(StubTokenizer(), prior, grid=(4, 4), sampler=sampler,
+                    conditioner=NullableConditioner())
+    out = pipe.generate(2, condition=torch.tensor([1, 3]), guidance=3.0, size=size, seed=0)
+    assert out.codes.shape == ((2, 4, 4) if size is None else (2, 6, 6))
+    calls = list(prior.calls)
+    assert calls[0][1].tolist() == [[V + 1], [V + 3], [V + 4], [V + 4]]  # cond rows, null rows
+    assert len(calls) == len(sampler.seen) == out.codes[0].numel()
+    h, w = out.codes.shape[1:]
+    for k, ((seq, cond), seen) in enumerate(zip(calls, sampler.seen, strict=True)):
+        i, j = divmod(k, w)
+        pos = -1 if size is None else (i - window_origin(i, h, 4)) * 4 + j - window_origin(j, w, 4)
+        both = prior.logits(seq, cond)[:, pos]  # (4, V)
+        c_logits, u_logits = both.chunk(2)
+        assert torch.equal(seen, u_logits + 3 * (c_logits - u_logits)), k
+
+
+def test_guidance_needs_a_null_token() -> None:
+    pipe = make(prior=RecordingPrior(cond_vocab_size=4), conditioner=StubConditioner())
+    with pytest.raises(vqgen.VqgenError, match="null token"):
+        pipe.generate(1, condition=1, guidance=2.0)
+    plain = Pipeline(StubTokenizer(), RecordingPrior(cond_vocab_size=5), grid=(4, 4),
+                     sampler=greedy(), conditioner=NullableConditioner())
+    a = plain.generate(2, condition=torch.tensor([0, 2]), seed=1).codes
+    b = plain.generate(2, condition=torch.tensor([0, 2]), seed=1, guidance=1.0).codes
+    assert torch.equal(a, b)

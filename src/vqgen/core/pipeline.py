@@ -182,13 +182,17 @@ class Pipeline(nn.Module):
         seed: int | None = None,
         prefix: torch.Tensor | None = None,
         batch_size: int | None = None,
+        guidance: float = 1.0,
     ) -> Generation:
         """Sample ``n`` images.
 
         ``size`` is the image size ``(H, W)`` in pixels (default: the training grid);
         ``prefix`` is a partial code grid ``[n or 1, r, w]`` of the top ``r`` rows to
         complete; ``seed`` makes the draw reproducible. With a rejection sampler the
-        result also carries the acceptance rate achieved.
+        result also carries the acceptance rate achieved. ``guidance`` is the
+        classifier-free guidance scale ``s``: each step samples from
+        ``uncond + s · (cond − uncond)`` logits, the unconditional ones computed with
+        the conditioner's null tokens; ``s = 1`` is plain conditional sampling.
         """
         if n < 1:
             raise VqgenError(f"n must be at least 1, got {n}")
@@ -198,6 +202,11 @@ class Pipeline(nn.Module):
         h, w = self._canvas(size)
         prefix = self._check_prefix(prefix, n, h, w)
         cond = self.cond_batch(condition, n)
+        if guidance != 1.0 and (self.conditioner is None or self.conditioner.null_id is None):
+            raise VqgenError(
+                "classifier-free guidance needs a conditioner with a null token, and a prior "
+                "trained with cond_dropout > 0"
+            )
         labels = cond.get("label") if cond is not None else None
         device = self.device
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -207,7 +216,7 @@ class Pipeline(nn.Module):
             """Codes and decoded images for the samples ``idx`` of the request."""
             sub = {k: v[idx] if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()}
             pre = prefix[idx] if prefix is not None else None
-            codes = self._sample_codes(len(idx), h, w, sub or None, sampler, gen, pre)
+            codes = self._sample_codes(len(idx), h, w, sub or None, sampler, gen, pre, guidance)
             return self.tokenizer.decode(codes), codes
 
         select = getattr(sampler, "draw_and_select", None)
@@ -261,11 +270,12 @@ class Pipeline(nn.Module):
         sampler: Sampler,
         gen: torch.Generator | None,
         prefix: torch.Tensor | None,
+        guidance: float = 1.0,
     ) -> torch.Tensor:
         """``[b, h, w]`` codes: cached decoding on the training grid, else sliding."""
         prior = self._require_prior()
         if (h, w) == self.grid:
-            return self._sample_cached(prior, b, h, w, cond, sampler, gen, prefix)
+            return self._sample_cached(prior, b, h, w, cond, sampler, gen, prefix, guidance)
         if h < self.grid[0] or w < self.grid[1]:
             raise VqgenError(
                 f"canvas {h}x{w} latents is smaller than the training grid "
@@ -278,7 +288,7 @@ class Pipeline(nn.Module):
                 f"which needs row-major order; this pipeline uses "
                 f"{type(self.ordering).__name__}"
             )
-        return self._sample_sliding(prior, b, h, w, cond, sampler, gen, prefix)
+        return self._sample_sliding(prior, b, h, w, cond, sampler, gen, prefix, guidance)
 
     def _sample_cached(
         self,
@@ -290,19 +300,32 @@ class Pipeline(nn.Module):
         sampler: Sampler,
         gen: torch.Generator | None,
         prefix: torch.Tensor | None,
+        guidance: float = 1.0,
     ) -> torch.Tensor:
         known = self.ordering.flatten(prefix) if prefix is not None else None  # (b, r*w)
         n_known = known.shape[1] if known is not None else 0
-        state = prior.start(self.cond_tokens(cond), b)
+        c = self.cond_tokens(cond)  # (b, Lc) or None
+        guided = guidance != 1.0 and c is not None
+        if guided:
+            c = torch.cat([c, self._null(c)])  # (2b, Lc): conditional, then unconditional
+        state = prior.start(c, 2 * b if guided else b)
         token: torch.Tensor | None = None
         seq = []
         for i in range(h * w):
-            logits, state = prior.step(state, token)  # (b, V)
+            feed = torch.cat([token, token]) if guided and token is not None else token
+            logits, state = prior.step(state, feed)  # (b or 2b, V)
+            if guided:
+                logits = _guide(logits, guidance)  # (b, V)
             token = known[:, i] if known is not None and i < n_known else sampler.sample(
                 logits, generator=gen
             )  # (b,)
             seq.append(token)
         return self.ordering.unflatten(torch.stack(seq, dim=1), h, w)  # (b, h, w)
+
+    def _null(self, c: torch.Tensor) -> torch.Tensor:
+        """Offset null tokens shaped like the offset condition tokens ``c``."""
+        assert self.conditioner is not None
+        return self.conditioner.null_like(c - self.cond_offset) + self.cond_offset
 
     def _sample_sliding(
         self,
@@ -314,6 +337,7 @@ class Pipeline(nn.Module):
         sampler: Sampler,
         gen: torch.Generator | None,
         prefix: torch.Tensor | None,
+        guidance: float = 1.0,
     ) -> torch.Tensor:
         wh, ww = self.grid
         codes = torch.zeros(b, h, w, dtype=torch.long, device=self.device)  # (b, h, w)
@@ -335,7 +359,11 @@ class Pipeline(nn.Module):
                     c = cond_grid[:, top : top + wh, left : left + ww].reshape(b, -1)
                     c = c + self.cond_offset  # (b, wh*ww)
                 pos = (i - top) * ww + (j - left)
-                logits = prior.logits(window, c)[:, pos]  # (b, V): sees window[:, :pos] only
+                if guidance != 1.0 and c is not None:
+                    both = prior.logits(torch.cat([window, window]), torch.cat([c, self._null(c)]))
+                    logits = _guide(both[:, pos], guidance)  # (b, V)
+                else:
+                    logits = prior.logits(window, c)[:, pos]  # (b, V): sees window[:, :pos] only
                 codes[:, i, j] = sampler.sample(logits, generator=gen)
         return codes
 
@@ -351,3 +379,8 @@ class Pipeline(nn.Module):
             )
         return grid
 
+
+def _guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[2b, V]`` (conditional rows, then unconditional) → ``[b, V]`` guided logits."""
+    cond, uncond = logits.float().chunk(2)  # (b, V) each
+    return uncond + scale * (cond - uncond)
