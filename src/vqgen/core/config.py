@@ -118,6 +118,15 @@ class StageTrainConfig(_Strict):
     input_key: str | None = Field(
         None, description="batch key the tokenizer trains on; unset: the tokenizer's default"
     )
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up (prior)")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay on weights (prior)")
+    grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clipping (prior)")
+    cond_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="probability of training a sample unconditionally"
+    )
+    amp: Literal["bf16", "fp16", "none"] = Field(
+        "bf16", description="autocast dtype on CUDA (fp16 adds a grad scaler); CPU: none"
+    )
 
 
 class TrainConfig(_Strict):

@@ -7,8 +7,10 @@ from typing import Any
 from vqgen.core.data import FolderDataset
 from vqgen.core.hookspecs import hookimpl
 from vqgen.plugins.gpt import GPT
+from vqgen.plugins.kmeans import KMeansTokenizer
 from vqgen.plugins.pixelsnail import PixelSNAIL
 from vqgen.plugins.shapes import ShapesDataset
+from vqgen.plugins.vqgan import VQGAN, VQGANSegmentation
 
 
 @hookimpl
@@ -16,5 +18,8 @@ def vqgen_register(registry: Any) -> None:
     """Register the built-in tokenizers, priors and datasets."""
     registry.add("dataset", "shapes", ShapesDataset)
     registry.add("dataset", "folder", FolderDataset)
+    registry.add("tokenizer", "vqgan", VQGAN)
+    registry.add("tokenizer", "vqgan_segmentation", VQGANSegmentation)
+    registry.add("tokenizer", "kmeans", KMeansTokenizer)
     registry.add("prior", "gpt", GPT)
     registry.add("prior", "pixelsnail", PixelSNAIL)

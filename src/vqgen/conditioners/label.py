@@ -1,0 +1,79 @@
+"""``class``: one condition token per image, its class label.
+
+Reads ``batch["label"]``: int64 ``[B]`` class ids in ``[0, n_classes)``. A label of
+``-1`` (or ``None`` in a list) asks for no condition: the null token, so one model
+trained with condition dropout samples both class-conditionally and
+unconditionally (and with classifier-free guidance).
+
+Ids: ``0 .. n_classes - 1`` the classes, ``n_classes`` the null token
+(``null_token: false`` leaves it out: taming's layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from vqgen.conditioners.base import first_bad, require
+from vqgen.core.errors import VqgenError
+from vqgen.core.interfaces import Conditioner, ParamsModel
+
+__all__ = ["NULL_LABEL", "ClassConditioner"]
+
+#: A label value that means "unconditional" (mapped to the null token).
+NULL_LABEL = -1
+
+
+class ClassConditioner(Conditioner):
+    """One token per image from its class label (``-1``: the null token)."""
+
+    class Params(ParamsModel):
+        n_classes: int = Field(4, ge=1, description="classes of the data: len(dataset.classes)")
+        null_token: bool = Field(
+            True, description="reserve id n_classes for 'no class' (dropout, guidance)"
+        )
+
+    def __init__(self, n_classes: int = 4, null_token: bool = True) -> None:
+        super().__init__(n_classes=n_classes, null_token=null_token)
+        self.n_classes = n_classes
+        self.vocab_size = n_classes + int(null_token)
+        self.null_id = n_classes if null_token else None
+
+    def labels(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """``batch["label"]`` as int64 ``[B]``, checked; ``-1`` / ``None`` → null id."""
+        raw = require(batch, "label", "class", "(int64 [B] class ids)")
+        if isinstance(raw, list | tuple):
+            raw = [NULL_LABEL if v is None else v for v in raw]
+        labels = torch.as_tensor(raw)
+        if labels.ndim == 0:
+            labels = labels[None]
+        if labels.ndim != 1:
+            raise VqgenError(
+                f"label must be [B] class ids, one per sample; got shape {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            raise VqgenError(f"label must hold integer class ids, got dtype {labels.dtype}")
+        labels = labels.long()
+        null = labels == NULL_LABEL
+        i = first_bad(((labels < 0) | (labels >= self.n_classes)) & ~null)
+        if i is not None:
+            raise VqgenError(
+                f"label of sample {i} is {int(labels[i])}, outside [0, {self.n_classes}) "
+                f"(n_classes={self.n_classes}; -1 means unconditional)"
+            )
+        if bool(null.any()):
+            if self.null_id is None:
+                i = first_bad(null)
+                raise VqgenError(
+                    f"label of sample {i} is -1 (unconditional), but this class conditioner "
+                    "has no null token; set null_token: true"
+                )
+            labels = torch.where(null, torch.full_like(labels, self.null_id), labels)
+        return labels  # (B,)
+
+    def tokens(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """``[B, 1]`` int64: the class id, or ``null_id`` for ``-1``."""
+        return self.labels(batch)[:, None]  # (B, 1)

@@ -1,0 +1,356 @@
+"""The VQGAN tokenizers: ``vqgan`` (images) and ``vqgan_segmentation`` (label maps).
+
+Params are the single source of configuration, including the training loss's
+hyper-parameters (``perceptual_weight``, ``disc_start``, …): the stage-1 trainer
+builds the loss module with :meth:`VQGAN.build_loss`, so one tokenizer config
+says how the tokenizer is built *and* trained. The loss module (LPIPS,
+discriminator) is never part of the tokenizer's weights.
+
+Quantizer defaults are the settings that use the codebook best on small data
+(see ``benchmarks/tokenizer_quality.py``): 8-dimensional l2-normalised codes,
+k-means initialisation and dead-code restarts. The plain taming-style quantizer
+(and the configuration taming checkpoints import into) is ``codebook_dim: 0,
+l2_normalize: false, kmeans_init: false, restart_after: 0`` (plus
+``legacy_beta: true`` for taming's β placement).
+
+Architecture defaults are a small f = 4 model for 32×32 images that trains on
+CPU in minutes; the paper's f = 16 ImageNet model is ``ch: 128, ch_mult: [1, 1,
+2, 2, 4], num_res_blocks: 2, attn_resolutions: [16], resolution: 256,
+z_channels: 256, embed_dim: 256, n_embed: 1024``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from vqgen.core.interfaces import ParamsModel, Tokenizer
+from vqgen.plugins.vqgan.model import Decoder, Encoder, QuantizerOutput, VectorQuantizer
+
+__all__ = ["VQGAN", "VQGANOutput", "VQGANSegmentation"]
+
+
+class VQGANOutput(NamedTuple):
+    """What ``VQGAN.forward`` returns."""
+
+    recon: torch.Tensor  # (B, out_channels, H, W) reconstruction (logits for segmentation)
+    qloss: torch.Tensor  # () quantizer loss (codebook + β · commitment)
+    codes: torch.Tensor  # (B, h, w) int64
+    usage: torch.Tensor  # () fraction of codes hit by the batch
+    perplexity: torch.Tensor  # () of the batch's code histogram
+    restarted: int  # codes initialised or restarted by this forward pass
+
+
+class _ModelParams(ParamsModel):
+    """Architecture and quantizer fields shared by both VQGAN variants."""
+
+    ch: int = Field(64, ge=1, description="base channel count")
+    ch_mult: tuple[int, ...] = Field(
+        (1, 2, 2),
+        min_length=1,
+        description="channel multiplier per level; f = 2^(len - 1)",
+    )
+    num_res_blocks: int = Field(1, ge=1)
+    attn_resolutions: tuple[int, ...] = Field(
+        (),
+        description="feature-map sizes (at input size `resolution`) with self-attention, "
+        "besides the middle block's",
+    )
+    resolution: int = Field(32, ge=1, description="input size that attn_resolutions refer to")
+    z_channels: int = Field(64, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    norm_groups: int = Field(32, ge=1, description="GroupNorm groups (taming: 32)")
+    attention: Literal["auto", "sdpa", "math", "xformers"] = "auto"
+    n_embed: int = Field(512, ge=2, description="codebook size (the vocabulary)")
+    embed_dim: int = Field(64, ge=1, description="latent channels around the quantizer")
+    codebook_dim: int = Field(
+        8, ge=0, description="code-space dimension (projected in/out); 0 = embed_dim, no projection"
+    )
+    l2_normalize: bool = Field(True, description="cosine-similarity codes")
+    kmeans_init: bool = Field(True, description="k-means codebook from the first batches")
+    kmeans_iters: int = Field(10, ge=0)
+    restart_after: int = Field(
+        50, ge=0, description="restart codes unused for this many training steps; 0 = never"
+    )
+    beta: float = Field(1.0, ge=0.0, description="commitment weight")
+    legacy_beta: bool = Field(
+        False, description="β on the codebook term instead (taming's legacy=True)"
+    )
+    codebook_weight: float = Field(1.0, ge=0.0, description="weight of the quantizer loss")
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> _ModelParams:
+        widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
+        bad = [w for w in widths if w % self.norm_groups]
+        if bad:
+            raise ValueError(
+                f"norm_groups={self.norm_groups} must divide every channel width "
+                f"(ch × ch_mult = {widths}); {bad} are not divisible"
+            )
+        if any(m < 1 for m in self.ch_mult):
+            raise ValueError(f"ch_mult entries must be >= 1, got {self.ch_mult}")
+        return self
+
+
+def _build(module: VQGAN | VQGANSegmentation, in_ch: int, out_ch: int) -> None:
+    """Create the encoder, quantizer and decoder of either variant from its params."""
+    p = module.params
+    arch = {
+        "ch": p.ch,
+        "ch_mult": tuple(p.ch_mult),
+        "num_res_blocks": p.num_res_blocks,
+        "attn_resolutions": tuple(p.attn_resolutions),
+        "resolution": p.resolution,
+        "z_channels": p.z_channels,
+        "dropout": p.dropout,
+        "groups": p.norm_groups,
+        "attention": p.attention,
+    }
+    module.encoder = Encoder(in_channels=in_ch, **arch)
+    module.quant_conv = nn.Conv2d(p.z_channels, p.embed_dim, 1)
+    module.quantize = VectorQuantizer(
+        p.n_embed,
+        p.embed_dim,
+        codebook_dim=p.codebook_dim,
+        beta=p.beta,
+        legacy_beta=p.legacy_beta,
+        l2_normalize=p.l2_normalize,
+        kmeans_init=p.kmeans_init,
+        kmeans_iters=p.kmeans_iters,
+        restart_after=p.restart_after,
+    )
+    module.post_quant_conv = nn.Conv2d(p.embed_dim, p.z_channels, 1)
+    module.decoder = Decoder(out_channels=out_ch, **arch)
+    module.vocab_size = p.n_embed
+    module.downsample = 2 ** (len(p.ch_mult) - 1)
+    module.in_channels = in_ch
+
+
+class _VQModel(Tokenizer):
+    """Shared forward / encode / decode of both variants."""
+
+    encoder: Encoder
+    quant_conv: nn.Conv2d
+    quantize: VectorQuantizer
+    post_quant_conv: nn.Conv2d
+    decoder: Decoder
+
+    def quantize_latents(self, x: torch.Tensor) -> QuantizerOutput:
+        """``[B, C, H, W]`` → the quantizer's output for the encoder's latents."""
+        self.latent_shape(x.shape[-2], x.shape[-1])  # raises for sizes not divisible by f
+        h = self.quant_conv(self.encoder(x))  # (B, embed_dim, h, w)
+        return self.quantize(h)
+
+    def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
+        """``[B, embed_dim, h, w]`` quantized latents → ``[B, out_channels, H, W]``."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, x: torch.Tensor) -> VQGANOutput:
+        """Reconstruct ``x``; also returns the quantizer's loss, codes and statistics."""
+        x = self.prepare_input(x)
+        q = self.quantize_latents(x)
+        recon = self.decode_latents(q.z_q)  # (B, out_channels, H, W)
+        return VQGANOutput(recon, q.loss, q.codes, q.usage, q.perplexity, q.restarted)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` → ``[B, H/f, W/f]`` int64 codes."""
+        with torch.no_grad():
+            return self.quantize_latents(self.prepare_input(x)).codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]`` int64 codes → ``[B, out_channels, h·f, w·f]``."""
+        return self.decode_latents(self.quantize.embed_codes(codes))
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor the encoder takes, from what the data provides."""
+        return x
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's last weight (where the adaptive GAN weight is measured)."""
+        return self.decoder.conv_out.weight
+
+
+class VQGAN(_VQModel):
+    """VQGAN (Esser et al. 2021): conv encoder → vector quantizer → conv decoder.
+
+    ``encode``: ``[B, in_channels, H, W]`` in ``[-1, 1]`` → ``[B, H/f, W/f]`` int64,
+    ``decode``: codes → ``[B, out_channels, H, W]`` (not clamped). Trained (stage 1)
+    with L1 + LPIPS + PatchGAN losses whose hyper-parameters are params here too.
+    ``in_channels: 1`` makes a tokenizer for depth or edge maps.
+    """
+
+    input_key = "image"
+
+    class Params(_ModelParams):
+        in_channels: int = Field(3, ge=1)
+        out_channels: int = Field(0, ge=0, description="0 = same as in_channels")
+        perceptual_weight: float = Field(1.0, ge=0.0, description="LPIPS weight; 0 = off")
+        pretrained_backbone: bool = Field(
+            True, description="ImageNet VGG16 for LPIPS (downloaded by torchvision); "
+            "false: random backbone, offline"
+        )
+        disc_start: int = Field(2000, ge=0, description="optimizer step the GAN loss starts at")
+        disc_weight: float = Field(0.8, ge=0.0, description="scale of λ; 0 = no discriminator")
+        disc_loss: Literal["hinge", "vanilla"] = "hinge"
+        disc_n_layers: int = Field(3, ge=1)
+        disc_ch: int = Field(64, ge=1, description="discriminator base channels (ndf)")
+
+    def __init__(
+        self,
+        ch: int = 64,
+        ch_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attn_resolutions: tuple[int, ...] = (),
+        resolution: int = 32,
+        z_channels: int = 64,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+        attention: Literal["auto", "sdpa", "math", "xformers"] = "auto",
+        n_embed: int = 512,
+        embed_dim: int = 64,
+        codebook_dim: int = 8,
+        l2_normalize: bool = True,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        restart_after: int = 50,
+        beta: float = 1.0,
+        legacy_beta: bool = False,
+        codebook_weight: float = 1.0,
+        in_channels: int = 3,
+        out_channels: int = 0,
+        perceptual_weight: float = 1.0,
+        pretrained_backbone: bool = True,
+        disc_start: int = 2000,
+        disc_weight: float = 0.8,
+        disc_loss: Literal["hinge", "vanilla"] = "hinge",
+        disc_n_layers: int = 3,
+        disc_ch: int = 64,
+    ) -> None:
+        super().__init__(
+            ch=ch, ch_mult=ch_mult,
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=attn_resolutions,
+            resolution=resolution, z_channels=z_channels, dropout=dropout,
+            norm_groups=norm_groups, attention=attention, n_embed=n_embed,
+            embed_dim=embed_dim, codebook_dim=codebook_dim, l2_normalize=l2_normalize,
+            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, restart_after=restart_after,
+            beta=beta, legacy_beta=legacy_beta, codebook_weight=codebook_weight,
+            in_channels=in_channels, out_channels=out_channels,
+            perceptual_weight=perceptual_weight, pretrained_backbone=pretrained_backbone,
+            disc_start=disc_start, disc_weight=disc_weight, disc_loss=disc_loss,
+            disc_n_layers=disc_n_layers, disc_ch=disc_ch,
+        )
+        p = self.params
+        _build(self, p.in_channels, p.out_channels or p.in_channels)
+
+    def build_loss(self) -> nn.Module:
+        """The training objective (LPIPS + PatchGAN), from this tokenizer's params."""
+        from vqgen.plugins.vqgan.losses import VQGANLoss
+
+        p = self.params
+        return VQGANLoss(
+            in_channels=p.out_channels or p.in_channels,
+            codebook_weight=p.codebook_weight,
+            perceptual_weight=p.perceptual_weight,
+            pretrained_backbone=p.pretrained_backbone,
+            disc_start=p.disc_start,
+            disc_weight=p.disc_weight,
+            disc_loss=p.disc_loss,
+            disc_n_layers=p.disc_n_layers,
+            disc_ch=p.disc_ch,
+        )
+
+    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """Images for preview grids: 1 or 3 channels kept, others reduced to 3 / 1."""
+        c = x.shape[1]
+        if c in (1, 3):
+            return x
+        return x[:, :3] if c > 3 else x.mean(1, keepdim=True)
+
+
+class VQGANSegmentation(_VQModel):
+    """VQGAN for semantic label maps: one-hot in, per-pixel label logits out.
+
+    ``encode`` takes int64 label maps ``[B, H, W]`` (values in ``[0, n_labels)``) or
+    one-hot float maps ``[B, n_labels, H, W]``; ``decode`` returns logits
+    ``[B, n_labels, H, W]`` (``labels(codes)`` gives the argmax map). Trained with
+    cross-entropy reconstruction and no discriminator, as the paper's first stage
+    for semantic layouts. The default ``n_labels`` fits the built-in ``shapes``
+    data (background + 4 classes).
+    """
+
+    input_key = "segmentation"
+
+    class Params(_ModelParams):
+        n_labels: int = Field(5, ge=2, description="label values, background included")
+
+    def __init__(
+        self,
+        ch: int = 64,
+        ch_mult: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attn_resolutions: tuple[int, ...] = (),
+        resolution: int = 32,
+        z_channels: int = 64,
+        dropout: float = 0.0,
+        norm_groups: int = 32,
+        attention: Literal["auto", "sdpa", "math", "xformers"] = "auto",
+        n_embed: int = 512,
+        embed_dim: int = 64,
+        codebook_dim: int = 8,
+        l2_normalize: bool = True,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        restart_after: int = 50,
+        beta: float = 1.0,
+        legacy_beta: bool = False,
+        codebook_weight: float = 1.0,
+        n_labels: int = 5,
+    ) -> None:
+        super().__init__(
+            ch=ch, ch_mult=ch_mult,
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=attn_resolutions,
+            resolution=resolution, z_channels=z_channels, dropout=dropout,
+            norm_groups=norm_groups, attention=attention, n_embed=n_embed,
+            embed_dim=embed_dim, codebook_dim=codebook_dim, l2_normalize=l2_normalize,
+            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, restart_after=restart_after,
+            beta=beta, legacy_beta=legacy_beta, codebook_weight=codebook_weight,
+            n_labels=n_labels,
+        )
+        _build(self, n_labels, n_labels)
+        g = torch.Generator().manual_seed(0)
+        palette = torch.rand(n_labels, 3, generator=g) * 2 - 1  # (n_labels, 3)
+        palette[0] = -1.0  # background black
+        self.register_buffer("palette", palette, persistent=False)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """int64 ``[B, H, W]`` label maps → one-hot float ``[B, n_labels, H, W]``."""
+        if x.is_floating_point():
+            return x
+        n = self.params.n_labels
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= n):
+            raise ValueError(
+                f"label values must lie in [0, {n}), got [{int(x.min())}, {int(x.max())}]; "
+                "raise n_labels"
+            )
+        return F.one_hot(x.long(), n).permute(0, 3, 1, 2).float()
+
+    def labels(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[B, h, w]`` codes → ``[B, H, W]`` int64 label map (argmax of the logits)."""
+        return self.decode(codes).argmax(1)
+
+    def build_loss(self) -> nn.Module:
+        """Cross-entropy + codebook loss (no discriminator)."""
+        from vqgen.plugins.vqgan.losses import SegmentationLoss
+
+        return SegmentationLoss(codebook_weight=self.params.codebook_weight)
+
+    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """One-hot maps or logits ``[B, n_labels, H, W]`` → palette colours ``[B, 3, H, W]``."""
+        return self.palette[x.argmax(1)].permute(0, 3, 1, 2)
