@@ -20,6 +20,7 @@ from vqgen.core.interfaces import (
     Sampler,
     Tokenizer,
 )
+from vqgen.core.pipeline import Generation, Pipeline
 from vqgen.core.registry import (
     KINDS,
     ComponentError,
@@ -29,6 +30,7 @@ from vqgen.core.registry import (
     list_components,
     register,
 )
+from vqgen.core.runs import load_run, train
 
 __version__ = "0.1.0"
 
@@ -39,9 +41,11 @@ __all__ = [
     "ComponentSpec",
     "Conditioner",
     "ConfigError",
+    "Generation",
     "NoParams",
     "Ordering",
     "ParamsModel",
+    "Pipeline",
     "PipelineConfig",
     "Prior",
     "Registry",
@@ -54,5 +58,7 @@ __all__ = [
     "hookimpl",
     "list_components",
     "load_config",
+    "load_run",
     "register",
+    "train",
 ]

@@ -119,6 +119,61 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vqgen.core.runs import STAGES, train
+
+    stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
+    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    train(args.config, run_dir, stages=stages, resume=args.resume, progress=True)
+    print(f"trained {', '.join(stages)} into {run_dir}")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from vqgen.core.data import save_image_grid
+    from vqgen.core.registry import default_registry
+    from vqgen.core.runs import load_run
+
+    pipe = load_run(args.run_dir)
+    sampler = None
+    if args.sampler or args.k is not None or args.p is not None or args.temperature is not None:
+        cfg = pipe.config.sampler  # type: ignore[attr-defined]
+        name = args.sampler or (cfg.name if cfg else "top_k")
+        params = dict(cfg.params) if cfg and cfg.name == name else {}
+        for key, value in (("k", args.k), ("p", args.p), ("temperature", args.temperature)):
+            if value is not None:
+                params[key] = value
+        params.update(_parse_kv(args.sampler_param))
+        sampler = default_registry().create("sampler", name, params)
+    size = None
+    if args.size:
+        try:
+            h, w = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            msg = f"--size expects HxW in pixels, e.g. 64x96; got {args.size!r}"
+            raise VqgenError(msg) from None
+        size = (h, w)
+    condition, nrow = None, min(args.n, 8)
+    n_classes = getattr(pipe.conditioner, "n_classes", None)
+    if args.class_id is not None:
+        condition = torch.full((args.n,), args.class_id, dtype=torch.long)
+    elif n_classes:  # one row per class
+        per = max(1, args.n // n_classes)
+        condition = torch.arange(n_classes).repeat_interleave(per)
+        nrow = per
+    n = len(condition) if condition is not None else args.n
+    out = pipe.generate(n, condition, size=size, sampler=sampler, seed=args.seed,
+                        guidance=args.guidance)
+    path = save_image_grid(out.images, args.output, nrow=nrow)
+    if args.codes:
+        torch.save(out.codes, Path(args.output).with_suffix(".codes.pt"))
+    note = f" (acceptance {out.acceptance:.3f})" if out.acceptance is not None else ""
+    print(f"wrote {n} samples to {path}{note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``vqgen`` command."""
     from vqgen import __version__
@@ -145,6 +200,29 @@ def build_parser() -> argparse.ArgumentParser:
     s = csub.add_parser("schema", help="JSON Schema including every component's params")
     s.add_argument("-o", "--output", help="write to a file instead of stdout")
     s.set_defaults(func=_cmd_config_schema)
+
+    tp = sub.add_parser("train", help="train every stage of a config into a run directory")
+    tp.add_argument("config")
+    tp.add_argument("--run-dir", help="default: runs/<config name>")
+    tp.add_argument("--resume", action="store_true", help="continue unfinished stages")
+    tp.add_argument("--stages", help="comma-separated subset of: tokenizer,prior")
+    tp.set_defaults(func=_cmd_train)
+
+    sp2 = sub.add_parser("sample", help="draw samples from a trained run")
+    sp2.add_argument("run_dir")
+    sp2.add_argument("--n", type=int, default=16)
+    sp2.add_argument("--class", dest="class_id", type=int, help="class id to sample")
+    sp2.add_argument("--size", help="image size HxW in pixels (larger: sliding window)")
+    sp2.add_argument("--sampler", help="sampler name (default: the config's)")
+    sp2.add_argument("--k", type=int)
+    sp2.add_argument("--p", type=float)
+    sp2.add_argument("--temperature", type=float)
+    sp2.add_argument("--sampler-param", action="append", default=[], metavar="KEY=VALUE")
+    sp2.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance")
+    sp2.add_argument("--seed", type=int, default=0)
+    sp2.add_argument("--codes", action="store_true", help="also save the codes (.codes.pt)")
+    sp2.add_argument("-o", "--output", default="samples.png")
+    sp2.set_defaults(func=_cmd_sample)
 
     dp0 = sub.add_parser("data", help="write a dataset to disk, or a picture of it")
     dsub = dp0.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -1,0 +1,78 @@
+"""`vqgen train` → `vqgen sample` on a tiny config; run-directory safety."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import vqgen
+from vqgen.core.cli import main
+from vqgen.core.runs import config_diff, stage_step
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    assert main(["train", str(TINY), "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_train_writes_every_stage(run: Path) -> None:
+    assert stage_step(run, "tokenizer") == 4 and stage_step(run, "prior") == 4
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"tokenizer", "prior"}
+    assert json.loads((run / "pipeline.json").read_text()) == {"grid": [16, 16]}
+    saved = vqgen.load_config(run / "config.yaml")
+    assert saved == vqgen.load_config(TINY)
+
+
+def test_sample_from_cli_and_python(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid.png"
+    assert main(["sample", str(run), "--n", "8", "--seed", "1", "-o", str(out), "--codes"]) == 0
+    with Image.open(out) as im:  # 4 classes × 2 per row of 32 px images, 2 px padding
+        assert im.size == (2 * 34 + 2, 4 * 34 + 2)
+    codes = torch.load(out.with_suffix(".codes.pt"), weights_only=True)
+    pipe = vqgen.Pipeline.from_run(run)
+    again = pipe.generate(8, torch.arange(4).repeat_interleave(2), seed=1)
+    assert torch.equal(again.codes, codes)
+    big = pipe.generate(1, 2, size=(48, 40), seed=0)
+    assert big.images.shape == (1, 3, 48, 40)
+
+
+def test_rerun_skips_finished_stages_and_refuses_another_config(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = (run / "prior" / "weights.safetensors").stat().st_mtime_ns
+    assert main(["train", str(TINY), "--run-dir", str(run)]) == 0
+    assert (run / "prior" / "weights.safetensors").stat().st_mtime_ns == before
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY.read_text().replace("k: 8", "k: 9"))
+    assert main(["train", str(other), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "sampler.params.k: 8 → 9" in err and "Traceback" not in err
+    assert (run / "prior" / "weights.safetensors").stat().st_mtime_ns == before
+
+
+def test_bad_run_directories_are_clear_errors(run: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sample", str(tmp_path / "nothing")]) == 2
+    assert "not a vqgen run directory" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "prior" / "meta.json").write_text("{trunc")
+    assert main(["sample", str(broken)]) == 2
+    assert "not a vqgen checkpoint" in capsys.readouterr().err
+
+
+def test_config_diff_names_paths() -> None:
+    assert config_diff({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == [
+        "a.c: 2 → 3", "d: '<unset>' → 4"
+    ]
