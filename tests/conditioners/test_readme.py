@@ -1,4 +1,4 @@
-"""README_conditioners.md's "A new conditioner in 30 lines" runs as written."""
+"""docs/conditioners.md's "A new conditioner in 30 lines" runs as written."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from vqgen.core.interfaces import signature_problems
 from vqgen.core.pipeline import Pipeline
 from vqgen_test_stubs import StubTokenizer
 
-README = Path(__file__).parents[2] / "README_conditioners.md"
+README = Path(__file__).parents[2] / "docs" / "conditioners.md"
 
 
 def python_blocks() -> list[str]:

@@ -29,7 +29,7 @@ def test_train_writes_every_stage(run: Path) -> None:
     assert stage_step(run, "tokenizer") == 4 and stage_step(run, "prior") == 4
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {"tokenizer", "prior"}
-    assert json.loads((run / "pipeline.json").read_text()) == {"grid": [16, 16]}
+    assert json.loads((run / "pipeline.json").read_text()) == {"grid": [8, 8]}
     saved = vqgen.load_config(run / "config.yaml")
     assert saved == vqgen.load_config(TINY)
 
