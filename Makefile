@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml examples/vqgen-plugin-example/pyproject.toml
 
 install: $(STAMP)
 
-# Until `vqgen train` lands (issue: the main job), the demo pictures the embedded data.
+# The main job on the embedded shapes data: train both stages, sample, write pictures.
 demo: $(STAMP)
 	$(PY) -m vqgen data preview shapes -o runs/demo/data.png
+	$(PY) -m vqgen demo --config configs/demo.yaml --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_FLAGS) -m "not slow"

@@ -76,3 +76,15 @@ def test_config_diff_names_paths() -> None:
     assert config_diff({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == [
         "a.c: 2 → 3", "d: '<unset>' → 4"
     ]
+
+
+def test_demo_command_writes_pictures_and_metrics(run: Path) -> None:
+    assert main(["demo", "--config", str(TINY), "--out", str(run), "--per-class", "2"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"train_wall_s", "tokenizer_psnr_db", "codebook_usage", "prior_val_nll_bits"} <= set(
+        metrics
+    )
+    with Image.open(run / "samples.png") as im:  # one row of 2 per class
+        assert im.size == (2 * 34 + 2, 4 * 34 + 2)
+    with Image.open(run / "reconstructions.png") as im:  # inputs above reconstructions
+        assert im.size == (8 * 34 + 2, 2 * 34 + 2)
