@@ -105,6 +105,9 @@ def test_data_write_and_preview(tmp_path: Path) -> None:
     assert main(["data", "write", "shapes", str(out), "--n", "6"]) == 2
     assert sorted(p.stat().st_mtime_ns for p in out.rglob("*.png")) == before
     assert main(["data", "write", "folder", str(tmp_path / "x")]) == 2
+    alias = tmp_path / "alias"  # `vqgen data shapes DIR` is `vqgen data write shapes DIR`
+    assert main(["data", "shapes", str(alias), "--n", "3"]) == 0
+    assert len(list((alias / "images").rglob("*.png"))) == 3
     assert main(["data", "write", "shapes", str(tmp_path / "y"), "--param", "max_shapes=9"]) == 2
 
     from PIL import Image

@@ -289,8 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="any other dataset param (repeatable)")
     pv.set_defaults(func=_cmd_data_preview)
-    dp = dsub.add_parser("write", help="write a dataset to disk in the folder format")
-    dp.add_argument("dataset", help="registered dataset name, e.g. shapes")
+    write = dsub.add_parser("write", help="write a dataset to disk in the folder format")
+    write.add_argument("dataset", help="registered dataset name, e.g. shapes")
+    shapes = dsub.add_parser("shapes", help="write the shapes data (= write shapes)")
+    shapes.set_defaults(dataset="shapes")
+    for dp in (write, shapes):
+        _data_write_args(dp)
+    return p
+
+
+def _data_write_args(dp: argparse.ArgumentParser) -> None:
+    """Arguments of `vqgen data write NAME` and `vqgen data shapes`."""
     dp.add_argument("out_dir")
     dp.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     dp.add_argument("--resolution", type=int, help="image side in pixels")
@@ -299,7 +308,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="any other dataset param (repeatable)")
     dp.add_argument("--overwrite", action="store_true", help="write into a non-empty directory")
     dp.set_defaults(func=_cmd_data_write)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
