@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 import vqgen
 
@@ -27,3 +29,15 @@ def test_registry(registry: vqgen.Registry) -> vqgen.Registry:
     reg = registry.copy()
     vqgen_test_stubs.vqgen_register(reg.scoped("tests"))
     return reg
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one torch thread (and never stall a busy machine).
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

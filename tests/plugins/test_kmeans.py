@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
 from vqgen.core.interfaces import signature_problems
 from vqgen.plugins.kmeans import KMeansTokenizer, codebook_stats, kmeans_plusplus, lloyd, nearest
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def palette_image(k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

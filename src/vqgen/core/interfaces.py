@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -247,6 +247,43 @@ class Prior(Component, nn.Module):
         Returns the next position's logits ``[B, vocab_size]`` and the new state.
         The logits equal those of ``logits()`` at that position.
         """
+
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cond: torch.Tensor | None,
+        length: int,
+        batch_size: int | None = None,
+        sample_fn: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``[B, length]`` image codes with ``start``/``step`` (in eval mode; the
+        mode is restored). ``sample_fn(logits [B, V], generator) -> [B]`` picks each
+        token (e.g. a ``vqgen.Sampler``'s ``sample``); the default draws from the softmax.
+        """
+        b = batch_size if batch_size is not None else (cond.shape[0] if cond is not None else 1)
+        sample_fn = sample_fn or _multinomial
+        was_training = self.training
+        self.eval()
+        try:
+            state, token, out = self.start(cond, b), None, []
+            for _ in range(length):
+                logits, state = self.step(state, token)  # (B, V)
+                token = sample_fn(logits, generator)  # (B,)
+                out.append(token)
+        finally:
+            self.train(was_training)
+        if not out:
+            device = next(self.parameters()).device
+            return torch.zeros(b, 0, dtype=torch.long, device=device)
+        return torch.stack(out, dim=1)  # (B, length)
+
+
+def _multinomial(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from ``softmax(logits)``: ``[B, V]`` → ``[B]``."""
+    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 class Sampler(Component):

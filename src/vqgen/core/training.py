@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -58,6 +57,7 @@ from tqdm.auto import tqdm
 
 from vqgen.core.config import PipelineConfig, StageTrainConfig
 from vqgen.core.errors import VqgenError
+from vqgen.core.io import atomic_path
 from vqgen.core.registry import Registry, default_registry
 
 __all__ = [
@@ -218,16 +218,8 @@ class MetricsLogger:
 
 def _atomic(path: Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(str(tmp))
     return path
 
 

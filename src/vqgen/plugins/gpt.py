@@ -34,7 +34,6 @@ computed, let alone scored, for the positions whose next token is a condition to
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -48,9 +47,6 @@ from vqgen.core.attention import attention
 from vqgen.core.interfaces import ParamsModel, Prior
 
 __all__ = ["GPT", "GPTState", "KVCache"]
-
-SampleFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
-
 
 class GPTParams(ParamsModel):
     """Config of :class:`GPT`; Tab. 8 of the paper gives the sizes it used."""
@@ -375,39 +371,3 @@ class GPT(Prior):
         token = token.reshape(state.batch_size, 1)  # (B, 1)
         h = self.hidden(token, state.caches)  # (B, 1, C)
         return self.head(h[:, -1]), state  # (B, V)
-
-    @torch.no_grad()
-    def generate(
-        self,
-        cond: torch.Tensor | None,
-        length: int,
-        batch_size: int | None = None,
-        sample_fn: SampleFn | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sample ``[B, length]`` image codes (in eval mode; the mode is restored).
-
-        ``sample_fn(logits [B, V], generator) -> [B]`` picks each token (e.g. a
-        ``vqgen.Sampler``'s ``sample``); the default draws from the softmax.
-        """
-        b = batch_size if batch_size is not None else (cond.shape[0] if cond is not None else 1)
-        sample_fn = sample_fn or _multinomial
-        was_training = self.training
-        self.eval()
-        try:
-            state, token, out = self.start(cond, b), None, []
-            for _ in range(length):
-                logits, state = self.step(state, token)  # (B, V)
-                token = sample_fn(logits, generator)  # (B,)
-                out.append(token)
-        finally:
-            self.train(was_training)
-        if not out:
-            return torch.zeros(b, 0, dtype=torch.long, device=self.pos_emb.device)
-        return torch.stack(out, dim=1)  # (B, length)
-
-
-def _multinomial(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from ``softmax(logits)``: ``[B, V]`` → ``[B]``."""
-    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)

@@ -48,9 +48,6 @@ from vqgen.core.interfaces import ParamsModel, Prior
 
 __all__ = ["PixelSNAIL", "PixelSNAILState"]
 
-SampleFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
-
-
 class PixelSNAILParams(ParamsModel):
     """Config of :class:`PixelSNAIL`."""
 
@@ -432,33 +429,9 @@ class PixelSNAIL(Prior):
         cond: torch.Tensor | None,
         length: int | None = None,
         batch_size: int | None = None,
-        sample_fn: SampleFn | None = None,
+        sample_fn: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample ``[B, length]`` image codes (default: the whole grid), in eval mode.
-
-        ``sample_fn(logits [B, V], generator) -> [B]`` picks each token (e.g. a
-        ``vqgen.Sampler``'s ``sample``); the default draws from the softmax.
-        """
+        """Sample ``[B, length]`` image codes (default: the whole grid); see ``Prior``."""
         n = self.height * self.width if length is None else length
-        b = batch_size if batch_size is not None else (cond.shape[0] if cond is not None else 1)
-        sample_fn = sample_fn or _multinomial
-        was_training = self.training
-        self.eval()
-        try:
-            state, token, out = self.start(cond, b), None, []
-            for _ in range(n):
-                logits, state = self.step(state, token)  # (B, V)
-                token = sample_fn(logits, generator)  # (B,)
-                out.append(token)
-        finally:
-            self.train(was_training)
-        if not out:
-            return torch.zeros(b, 0, dtype=torch.long, device=self.coords.device)
-        return torch.stack(out, dim=1)  # (B, length)
-
-
-def _multinomial(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from ``softmax(logits)``: ``[B, V]`` → ``[B]``."""
-    probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return super().generate(cond, n, batch_size, sample_fn, generator)
