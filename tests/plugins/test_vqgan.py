@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import signature_problems
-from vqgen.plugins.vqgan import VQGAN, VQGANSegmentation, VectorQuantizer
+from vqgen.plugins.vqgan import VQGAN, VectorQuantizer, VQGANSegmentation
 from vqgen.plugins.vqgan.losses import (
     NLayerDiscriminator,
     VQGANLoss,

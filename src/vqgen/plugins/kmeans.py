@@ -147,7 +147,10 @@ class KMeansTokenizer(Tokenizer):
         """``[B, C, H, W]`` float → ``[B, H, W]`` int64: index of the nearest centroid."""
         b, _, h, w = x.shape
         pix = rearrange(x.float(), "b c h w -> (b h w) c")
-        codes = nearest(pix, self.centroids)  # (B*H*W,)
+        step = max(1, 2**24 // self.vocab_size)  # bounds the distance matrix to 64 MiB
+        codes = torch.cat(
+            [nearest(pix[i : i + step], self.centroids) for i in range(0, len(pix), step)]
+        )  # (B*H*W,)
         return rearrange(codes, "(b h w) -> b h w", b=b, h=h, w=w)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ class VQGANOutput(NamedTuple):
 class _ModelParams(ParamsModel):
     """Architecture and quantizer fields shared by both VQGAN variants."""
 
-    ch: int = Field(64, ge=1, description="base channel count")
+    ch: int = Field(32, ge=1, description="base channel count")
     ch_mult: tuple[int, ...] = Field(
         (1, 2, 2),
         min_length=1,
@@ -61,12 +61,14 @@ class _ModelParams(ParamsModel):
         "besides the middle block's",
     )
     resolution: int = Field(32, ge=1, description="input size that attn_resolutions refer to")
-    z_channels: int = Field(64, ge=1)
+    z_channels: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    norm_groups: int = Field(32, ge=1, description="GroupNorm groups (taming: 32)")
+    norm_groups: int = Field(
+        8, ge=1, description="GroupNorm groups (taming: 32; small models want few)"
+    )
     attention: Literal["auto", "sdpa", "math", "xformers"] = "auto"
     n_embed: int = Field(512, ge=2, description="codebook size (the vocabulary)")
-    embed_dim: int = Field(64, ge=1, description="latent channels around the quantizer")
+    embed_dim: int = Field(32, ge=1, description="latent channels around the quantizer")
     codebook_dim: int = Field(
         8, ge=0, description="code-space dimension (projected in/out); 0 = embed_dim, no projection"
     )
@@ -202,17 +204,17 @@ class VQGAN(_VQModel):
 
     def __init__(
         self,
-        ch: int = 64,
+        ch: int = 32,
         ch_mult: tuple[int, ...] = (1, 2, 2),
         num_res_blocks: int = 1,
         attn_resolutions: tuple[int, ...] = (),
         resolution: int = 32,
-        z_channels: int = 64,
+        z_channels: int = 32,
         dropout: float = 0.0,
-        norm_groups: int = 32,
+        norm_groups: int = 8,
         attention: Literal["auto", "sdpa", "math", "xformers"] = "auto",
         n_embed: int = 512,
-        embed_dim: int = 64,
+        embed_dim: int = 32,
         codebook_dim: int = 8,
         l2_normalize: bool = True,
         kmeans_init: bool = True,
@@ -291,17 +293,17 @@ class VQGANSegmentation(_VQModel):
 
     def __init__(
         self,
-        ch: int = 64,
+        ch: int = 32,
         ch_mult: tuple[int, ...] = (1, 2, 2),
         num_res_blocks: int = 1,
         attn_resolutions: tuple[int, ...] = (),
         resolution: int = 32,
-        z_channels: int = 64,
+        z_channels: int = 32,
         dropout: float = 0.0,
-        norm_groups: int = 32,
+        norm_groups: int = 8,
         attention: Literal["auto", "sdpa", "math", "xformers"] = "auto",
         n_embed: int = 512,
-        embed_dim: int = 64,
+        embed_dim: int = 32,
         codebook_dim: int = 8,
         l2_normalize: bool = True,
         kmeans_init: bool = True,
