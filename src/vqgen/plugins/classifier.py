@@ -5,8 +5,10 @@
   conv + GroupNorm + SiLU, global average pooling and a linear head. Any
   resolution ≥ 16 works (the pooling removes the spatial size).
 * :class:`SegmentationNet` — images → per-pixel logits ``[B, n_classes, H, W]``: a
-  small U-Net (two stride-2 levels, skip connections, bilinear upsampling), so
-  any ``H, W`` ≥ 4 works.
+  small U-Net (three stride-2 levels, global context at the bottleneck, skip
+  connections, bilinear upsampling); any ``H, W`` works.
+
+Both first standardise each image's channels (:func:`standardize`).
 
 The rejection sampler (:mod:`vqgen.samplers.rejection`) scores samples with a
 classifier (Tab. 4 of Taming Transformers, after VQ-VAE-2); the segmentation net
@@ -25,14 +27,27 @@ Train from Python or from the command line::
 
     from vqgen.plugins.classifier import save_classifier, train_classifier
     from vqgen.plugins.shapes import ShapesDataset
-    model = train_classifier(ShapesDataset(resolution=32), steps=600, batch_size=64, seed=0)
+    model = train_classifier(ShapesDataset(resolution=32), steps=800, batch_size=64, seed=0)
     save_classifier(model, "classifier.safetensors")
 
     python -m vqgen.plugins.classifier --data shapes --data-params '{"resolution": 32}' \\
         --out classifier.safetensors          # add --segmentation for a SegmentationNet
 
-Measured on ``shapes`` 32×32 with the defaults (2 shared CPU cores): see the
-report in ``train_classifier``'s docstring.
+Measured on ``shapes`` 32×32 (held-out: 1000 samples of ``split="val"``), seed 0,
+on CPU (a step's time is the fastest of 40 single-threaded steps; wall times on
+a loaded, shared 2-core machine are several times longer):
+
+=====================  ===========  =======================  ====================
+model                  steps × 64   held-out                 CPU time
+=====================  ===========  =======================  ====================
+ImageClassifier        400          91.6 % accuracy          ~20 s
+ImageClassifier        600          96.6 % accuracy          ~30 s
+ImageClassifier        800 (def.)   97.9 % accuracy          ~37 s
+SegmentationNet        600 (def.)   0.915 mIoU               ~2 min
+=====================  ===========  =======================  ====================
+
+(The segmenter's step costs ~4.5× the classifier's; with batches of 32 instead
+of 64 it reached 0.69 mIoU after 600 steps: star and triangle get confused.)
 """
 
 from __future__ import annotations
@@ -368,7 +383,7 @@ def _resolution(dataset: Any) -> int | None:
 def train_classifier(
     dataset: Any,
     *,
-    steps: int = 600,
+    steps: int = 800,
     batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,
@@ -415,7 +430,7 @@ def train_segmenter(
     dataset: Any,
     *,
     steps: int = 600,
-    batch_size: int = 32,
+    batch_size: int = 64,
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
@@ -555,8 +570,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data-params", default="{}", help="dataset params as JSON")
     ap.add_argument("--out", required=True, help="output .safetensors file")
     ap.add_argument("--segmentation", action="store_true", help="train a SegmentationNet")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="default: 800, --segmentation 600")
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -568,14 +583,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     reg = default_registry()
     dataset = reg.create("dataset", args.data, params)
     train = train_segmenter if args.segmentation else train_classifier
-    bs = args.batch_size or (32 if args.segmentation else 64)
     t0 = time.perf_counter()
     model = train(
-        dataset, steps=args.steps, batch_size=bs, lr=args.lr, seed=args.seed, device=args.device
+        dataset,
+        steps=args.steps or (600 if args.segmentation else 800),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device=args.device,
     )
     line = f"trained in {time.perf_counter() - t0:.1f}s"
-    if "split" in reg.get("dataset", args.data).params_model.model_fields:  # held-out check
-        val = reg.create("dataset", args.data, {**params, "split": "val", "length": 1000})
+    fields = reg.get("dataset", args.data).params_model.model_fields
+    if "split" in fields:  # a held-out check
+        held_out = {**params, "split": "val"} | ({"length": 1000} if "length" in fields else {})
+        val = reg.create("dataset", args.data, held_out)
         images = _stack(val, "image")
         if args.segmentation:
             pred = predict_segmentation(model, images)
