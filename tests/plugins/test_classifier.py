@@ -29,6 +29,8 @@ from vqgen.plugins.classifier import (
 )
 from vqgen.plugins.shapes import CLASSES, ShapesDataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def stack(ds: ShapesDataset, key: str) -> torch.Tensor:
     return torch.stack([ds[i][key] for i in range(len(ds))])

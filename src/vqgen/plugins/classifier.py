@@ -34,17 +34,18 @@ Train from Python or from the command line::
         --out classifier.safetensors          # add --segmentation for a SegmentationNet
 
 Measured on ``shapes`` 32×32 (held-out: 1000 samples of ``split="val"``), seed 0,
-on CPU (a step's time is the fastest of 40 single-threaded steps; wall times on
-a loaded, shared 2-core machine are several times longer):
+batches of 64. CPU time is for one thread: the defaults took 44 s of CPU (59 s
+wall on a loaded, shared 2-core machine); the other rows are scaled from it by
+steps and by the measured cost of a step (the 400 and 600 rows trained with 2 threads):
 
-=====================  ===========  =======================  ====================
-model                  steps × 64   held-out                 CPU time
-=====================  ===========  =======================  ====================
-ImageClassifier        400          91.6 % accuracy          ~20 s
-ImageClassifier        600          96.6 % accuracy          ~30 s
-ImageClassifier        800 (def.)   97.9 % accuracy          ~37 s
-SegmentationNet        600 (def.)   0.915 mIoU               ~2 min
-=====================  ===========  =======================  ====================
+=====================  ============  =====================  ===================
+model                  steps         held-out               CPU time (1 thread)
+=====================  ============  =====================  ===================
+ImageClassifier        400           91.6 % accuracy        ≈ 25 s
+ImageClassifier        600           96.6 % accuracy        ≈ 35 s
+ImageClassifier        800 (def.)    98.0 % accuracy        44 s
+SegmentationNet        600 (def.)    0.915 mIoU             ≈ 2.5 min
+=====================  ============  =====================  ===================
 
 (The segmenter's step costs ~4.5× the classifier's; with batches of 32 instead
 of 64 it reached 0.69 mIoU after 600 steps: star and triangle get confused.)
