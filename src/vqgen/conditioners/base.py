@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from einops import rearrange
 from pydantic import Field
-from torch.utils.data import Dataset
 
+from vqgen.core.data import ConditionInputs
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import Conditioner, ParamsModel, Tokenizer
 from vqgen.core.registry import default_registry
@@ -168,26 +168,3 @@ class SpatialConditioner(Conditioner):
     def tokens(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Condition tokens ``[B, hc * wc]`` int64, row-major."""
         return rearrange(self.grid(batch), "b h w -> b (h w)")
-
-
-class ConditionInputs(Dataset):
-    """A dataset whose samples are what a spatial conditioner's tokenizer trains on.
-
-    Sample ``i`` is ``{key: conditioner.condition_input(dataset[i])}`` (``[C, H, W]``),
-    ``key`` defaulting to the tokenizer's ``input_key`` (``"image"`` when it has none),
-    so the stage-1 loop trains the cond stage like any tokenizer.
-    """
-
-    def __init__(
-        self, dataset: Dataset, conditioner: SpatialConditioner, key: str | None = None
-    ) -> None:
-        self.dataset, self.conditioner = dataset, conditioner
-        self.key = key or getattr(conditioner.tokenizer, "input_key", "image")
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = self.dataset[index]
-        batch = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
-        return {self.key: self.conditioner.condition_input(batch)[0]}  # (C, H, W)

@@ -127,12 +127,23 @@ class StageTrainConfig(_Strict):
     amp: Literal["bf16", "fp16", "none"] = Field(
         "bf16", description="autocast dtype on CUDA (fp16 adds a grad scaler); CPU: none"
     )
+    compile: bool = Field(False, description="torch.compile the prior on CUDA")
+    keep_last: int = Field(
+        2, ge=0, description="step-numbered checkpoints kept in <stage>/history (0: none)"
+    )
+    keep_best: bool = Field(
+        True, description="keep <stage>/best: the checkpoint with the lowest held-out loss"
+    )
 
 
 class TrainConfig(_Strict):
     """Per-stage training settings."""
 
     tokenizer: StageTrainConfig = Field(default_factory=StageTrainConfig)
+    cond: StageTrainConfig = Field(
+        default_factory=StageTrainConfig,
+        description="a spatial conditioner's own tokenizer (the cond stage)",
+    )
     prior: StageTrainConfig = Field(default_factory=StageTrainConfig)
 
 

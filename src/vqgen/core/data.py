@@ -66,6 +66,7 @@ from vqgen.core.interfaces import Component, ParamsModel
 from vqgen.core.io import atomic_path
 
 __all__ = [
+    "ConditionInputs",
     "CONDITIONS",
     "IMAGE_EXTENSIONS",
     "DataWarning",
@@ -786,3 +787,26 @@ class TokenCache:
 def _int_dtype(vocab: int) -> np.dtype:
     """The smallest integer dtype that holds ids ``[0, vocab)``."""
     return np.dtype(np.uint8 if vocab <= 256 else np.int16 if vocab <= 32768 else np.int32)
+
+
+class ConditionInputs(Dataset):
+    """A dataset whose samples are what a spatial conditioner's tokenizer trains on.
+
+    Sample ``i`` is ``{key: conditioner.condition_input(dataset[i])}`` (``[C, H, W]``),
+    ``key`` defaulting to the tokenizer's ``input_key`` (``"image"`` when it has none),
+    so the stage-1 loop trains the cond stage like any tokenizer.
+    """
+
+    def __init__(
+        self, dataset: Any, conditioner: Any, key: str | None = None
+    ) -> None:
+        self.dataset, self.conditioner = dataset, conditioner
+        self.key = key or getattr(conditioner.tokenizer, "input_key", "image")
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = self.dataset[index]
+        batch = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+        return {self.key: self.conditioner.condition_input(batch)[0]}  # (C, H, W)

@@ -6,12 +6,14 @@ Layout of a run directory::
     metrics.jsonl        one record per log interval, every stage
     images/              preview grids
     tokenizer/           stage 1: weights.safetensors, meta.json, train_state.pt, ...
-    tokens/<key>/        the token cache of the trained tokenizer
+    cond/                a spatial conditioner's own tokenizer (the paper's cond stage)
+    tokens/<key>/        the token cache of the trained tokenizer (and conditioner)
     prior/               stage 2: weights.safetensors, meta.json, train_state.pt
     pipeline.json        what `Pipeline.from_run` needs beyond the config (the grid)
 
-A stage whose ``meta.json`` records the configured number of steps is finished
-and skipped; ``resume=True`` continues an unfinished one from its checkpoint. A
+Stages run in order: tokenizer → cond (only for a conditioner with a tokenizer
+of its own) → token cache → prior. A stage whose ``meta.json`` records the
+configured number of steps is finished and skipped; ``resume=True`` continues an unfinished one from its checkpoint. A
 run directory only ever holds one config: training it with a different one is
 refused, with the differing fields named.
 """
@@ -33,7 +35,7 @@ from vqgen.core.registry import Registry, default_registry
 
 __all__ = ["STAGES", "config_diff", "load_run", "stage_step", "train"]
 
-STAGES = ("tokenizer", "prior")
+STAGES = ("tokenizer", "cond", "prior")
 CONFIG_FILE = "config.yaml"
 PIPELINE_FILE = "pipeline.json"
 
@@ -82,14 +84,36 @@ def _claim(run_dir: Path, config: PipelineConfig, registry: Registry) -> None:
 def _conditioner(config: PipelineConfig, registry: Registry) -> Any:
     if config.conditioner is None:
         return None
-    cond = registry.create("conditioner", config.conditioner.name, config.conditioner.params)
-    if getattr(cond, "tokenizer", None) is not None:
+    return registry.create("conditioner", config.conditioner.name, config.conditioner.params)
+
+
+def _has_cond_stage(conditioner: Any) -> bool:
+    return getattr(conditioner, "tokenizer", None) is not None
+
+
+def _load_cond_tokenizer(run: Path, conditioner: Any, map_location: str = "cpu") -> None:
+    """Trained weights of the conditioner's own tokenizer, from ``run/cond``."""
+    from vqgen.core.checkpoint import load_weights
+
+    load_weights(conditioner.tokenizer, run / "cond" / "weights.safetensors", map_location)
+    conditioner.tokenizer.eval()
+
+
+def _stage1(run: Path, config: PipelineConfig, stage: str, stages: tuple[str, ...],
+            resume: bool, registry: Registry, progress: bool, conditioner: Any = None) -> None:
+    """Train a stage-1 stage unless it is finished or not asked for."""
+    from vqgen.core.training import train_tokenizer
+
+    steps = getattr(config.train, stage).steps
+    if stage not in stages or stage_step(run, stage) == steps:
+        return
+    if stage_step(run, stage) is not None and not resume:
         raise VqgenError(
-            f"conditioner {config.conditioner.name!r} has a tokenizer of its own (a cond "
-            "stage); training cond stages from a config is not supported yet — train it in "
-            "Python (vqgen.conditioners.base.ConditionInputs) and pass the conditioner"
+            f"{run / stage} holds an unfinished checkpoint; pass --resume to continue it "
+            "(or use a new --run-dir)"
         )
-    return cond
+    train_tokenizer(config, run, registry=registry, progress=progress, resume=resume,
+                    stage=stage, conditioner=conditioner)
 
 
 def train(
@@ -103,10 +127,11 @@ def train(
 ) -> Pipeline | None:
     """Train the stages of ``config`` into ``run_dir`` (see the module docstring).
 
+    Under ``torchrun`` every process calls this; rank 0 writes the run directory.
     Returns the trained Pipeline, or ``None`` for a config without a prior.
     """
-    from vqgen.core.stage2 import train_prior
-    from vqgen.core.training import load_component, train_tokenizer
+    from vqgen.core.checkpoint import load_component
+    from vqgen.core.training import barrier, setup_distributed, train_prior
 
     registry = registry or default_registry()
     if not isinstance(config, PipelineConfig):
@@ -114,22 +139,25 @@ def train(
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise VqgenError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    info, _ = setup_distributed(config.train.tokenizer.device)
     run = Path(run_dir)
-    _claim(run, config, registry)
-    tok_done = stage_step(run, "tokenizer") == config.train.tokenizer.steps
-    if "tokenizer" in stages and not tok_done:
-        if stage_step(run, "tokenizer") is not None and not resume:
-            raise VqgenError(
-                f"{run / 'tokenizer'} holds an unfinished checkpoint; pass --resume to "
-                "continue it (or use a new --run-dir)"
-            )
-        train_tokenizer(config, run, registry=registry, progress=progress, resume=resume)
+    if info.main:
+        _claim(run, config, registry)
+    barrier(info)
+    _stage1(run, config, "tokenizer", stages, resume, registry, progress)
+    conditioner = _conditioner(config, registry)
+    if _has_cond_stage(conditioner):
+        _stage1(run, config, "cond", stages, resume, registry, progress, conditioner)
+    barrier(info)
     if config.prior is None or "prior" not in stages:
         return None
-    if stage_step(run, "tokenizer") is None:
-        raise VqgenError(f"{run} has no trained tokenizer; train the tokenizer stage first")
+    for stage in ("tokenizer", "cond") if _has_cond_stage(conditioner) else ("tokenizer",):
+        if stage_step(run, stage) is None:
+            raise VqgenError(f"{run} has no trained {stage} stage; train it first "
+                             f"(--stages {stage})")
     tokenizer = load_component(run / "tokenizer", registry)
-    conditioner = _conditioner(config, registry)
+    if _has_cond_stage(conditioner):
+        _load_cond_tokenizer(run, conditioner)
     done = stage_step(run, "prior") == config.train.prior.steps
     if done:
         return load_run(run, registry)
@@ -139,34 +167,41 @@ def train(
         )
     pipe = train_prior(config, tokenizer, conditioner, run, registry=registry,
                        progress=progress, resume=resume)
-    atomic_write_text(run / PIPELINE_FILE, json.dumps({"grid": list(pipe.grid)}) + "\n")
+    if info.main:
+        atomic_write_text(run / PIPELINE_FILE, json.dumps({"grid": list(pipe.grid)}) + "\n")
+    barrier(info)
     return pipe
 
 
 def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
              map_location: str = "cpu") -> Pipeline:
     """The trained Pipeline of a run directory, in eval mode."""
-    from vqgen.core.training import load_component
+    from vqgen.core.checkpoint import load_component
 
     registry = registry or default_registry()
     run = Path(run_dir)
     if not (run / CONFIG_FILE).is_file():
         raise VqgenError(f"{run} is not a vqgen run directory (no {CONFIG_FILE})")
     config = load_config(run / CONFIG_FILE, registry)
-    for stage in STAGES:
-        if stage_step(run, stage) is None and (stage != "prior" or config.prior is not None):
-            raise VqgenError(f"{run} has no trained {stage} yet; run `vqgen train` first")
+    conditioner = _conditioner(config, registry)
+    needed = ["tokenizer"] + ["cond"] * _has_cond_stage(conditioner) + ["prior"] * bool(
+        config.prior)
+    for stage in needed:
+        if stage_step(run, stage) is None:
+            raise VqgenError(f"{run} has no trained {stage} stage yet; run `vqgen train` first")
     try:
         grid = tuple(json.loads((run / PIPELINE_FILE).read_text())["grid"])
     except (OSError, ValueError, KeyError):
         raise VqgenError(f"{run / PIPELINE_FILE} is missing or unreadable") from None
     tokenizer = load_component(run / "tokenizer", registry, map_location)
     prior = load_component(run / "prior", registry, map_location) if config.prior else None
+    if _has_cond_stage(conditioner):
+        _load_cond_tokenizer(run, conditioner, map_location)
     ordering = (registry.create("ordering", config.ordering.name, config.ordering.params)
                 if config.ordering else RasterOrder())
     sampler = (registry.create("sampler", config.sampler.name, config.sampler.params)
                if config.sampler else None)
     pipe = Pipeline(tokenizer, prior, grid=(int(grid[0]), int(grid[1])), ordering=ordering,
-                    sampler=sampler, conditioner=_conditioner(config, registry))
+                    sampler=sampler, conditioner=conditioner)
     pipe.config = config  # type: ignore[attr-defined]
     return pipe.to(map_location).eval()

@@ -1,85 +1,130 @@
-"""Training loops (stage 1: the tokenizer) and the helpers every loop shares.
+"""Training loops: stage 1 (tokenizers, cond-stage tokenizers) and stage 2 (the prior).
 
-Shared helpers: the learning-rate rule (:func:`resolve_lr`), seeding, an
-endless and resumable batch stream (:func:`batch_stream`), a tqdm progress bar,
-``metrics.jsonl`` logging (:class:`MetricsLogger`), non-finite loss detection
-(:func:`check_finite`), and atomic checkpoint files (safetensors weights + JSON
-metadata: :func:`save_component`, :func:`load_component`).
+Shared helpers: the learning-rate rule (:func:`resolve_lr`), seeding, an endless,
+resumable and rank-sharded batch stream (:func:`batch_stream`), a tqdm progress
+bar, ``metrics.jsonl`` logging (:class:`MetricsLogger`), non-finite loss detection
+(:func:`check_finite`), graceful stops on SIGINT / SIGTERM (:class:`StopSignals`)
+and distributed training through ``torchrun`` (:func:`setup_distributed`).
+Checkpoint files are written by :mod:`vqgen.core.checkpoint`.
 
-Stage 1 (:func:`train_tokenizer`) knows no concrete tokenizer; it trains any
+**Stage 1** (:func:`train_tokenizer`) knows no concrete tokenizer; it trains any
 tokenizer that offers one of two protocols:
 
 * **fitted** — ``fit_step(x, generator) -> dict[str, float]``: one fitting step on
   a batch ``x`` (k-means). No optimizer.
 * **GAN-trained** — ``forward(x)`` returning an object with ``recon``, ``qloss``,
-  ``usage`` and ``perplexity``; ``last_layer`` (the decoder's last weight); and
-  ``build_loss()`` returning a module with ``generator_loss(x, out, step,
-  last_layer) -> (loss, logs)``, ``discriminator`` (a module or ``None``),
+  ``usage``, ``perplexity`` and ``restarted``; ``last_layer`` (the decoder's last
+  weight); and ``build_loss()`` returning a module with ``generator_loss(x, out,
+  step, last_layer) -> (loss, logs)``, ``discriminator`` (a module or ``None``),
   ``discriminator_loss(x, recon, step) -> (loss, logs)`` and ``disc_active(step)``
   (VQGAN). Generator and discriminator get their own Adam optimizers.
 
 Optional for both: ``input_key`` (the batch key trained on, default ``"image"``),
 ``prepare_input(value) -> tensor`` and ``to_rgb(x) -> images`` for preview grids.
+The same loop trains a spatial conditioner's own tokenizer (the "cond" stage) on
+``conditioner.condition_input(batch)``.
 
-A run directory holds::
+**Stage 2** (:func:`train_prior`): the dataset is encoded once by the trained
+tokenizer (and conditioner) into a :class:`~vqgen.core.data.TokenCache`
+(``run_dir/tokens/<key>/``); the prior trains on those grids, flattened by the
+ordering. AdamW (betas 0.9 / 0.95, weight decay on Linear and conv weights only),
+linear warm-up then cosine decay to 10 %, gradient clipping and accumulation,
+condition dropout (for classifier-free guidance), bf16 autocast on CUDA,
+optional ``torch.compile``.
 
-    metrics.jsonl                       one JSON record per log_every steps
-    images/tokenizer_<step>.png         inputs (top row) above reconstructions
-    tokenizer/weights.safetensors       the tokenizer's state_dict (nothing else)
-    tokenizer/meta.json                 kind, registry name, params, step, metrics
-    tokenizer/discriminator.safetensors GAN-trained tokenizers: the discriminator
-    tokenizer/train_state.pt            optimizer states, step, RNG, bookkeeping buffers
+A run directory gets::
 
-Every file is written atomically (temporary file + ``os.replace``); ``meta.json``
-is written last, so its ``step`` names a complete checkpoint. ``train_state.pt``
-holds only tensors and plain containers and is read with
-``torch.load(weights_only=True)``.
+    metrics.jsonl                 one JSON record per log_every steps ("stage" names it)
+    images/<stage>_<step>.png     inputs (top row) above reconstructions
+    tokenizer/  cond/  prior/     checkpoints (layout: vqgen.core.checkpoint)
+    tokens/<key>/                 the token cache
+
+**Distributed**: under ``torchrun`` every process trains on its slice of each
+global batch (``batch_size`` is per process), gradients are averaged by
+DistributedDataParallel (the discriminator's by an explicit all-reduce, since it
+is called three times per step), and rank 0 alone logs, previews and checkpoints.
+With the same global batch the result equals one process, for models without
+dropout and without data-dependent codebook updates (k-means init and code
+restarts are computed on each rank's batch, then rank 0's codebook is broadcast).
+Fitted tokenizers see the whole global batch on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from vqgen.core.checkpoint import (
+    CheckpointError,
+    extra_buffers,
+    keep_checkpoint,
+    load_component,
+    load_train_state,
+    load_weights,
+    read_meta,
+    restore_buffers,
+    rng_state,
+    save_component,
+    save_state,
+    save_tensors,
+    set_rng_state,
+)
 from vqgen.core.config import PipelineConfig, StageTrainConfig
+from vqgen.core.data import ConditionInputs, TokenCache
 from vqgen.core.errors import VqgenError
-from vqgen.core.io import atomic_path
+from vqgen.core.pipeline import Pipeline, RasterOrder
 from vqgen.core.registry import Registry, default_registry
 
 __all__ = [
+    "DistInfo",
     "MetricsLogger",
+    "StopSignals",
+    "TrainingInterrupted",
     "batch_stream",
+    "build_pipeline",
     "check_finite",
+    "held_out_dataset",
     "load_component",
+    "lr_at",
+    "optimizer_groups",
     "progress_bar",
     "resolve_device",
     "resolve_lr",
     "save_component",
     "seed_everything",
+    "setup_distributed",
+    "token_nll",
+    "train_prior",
     "train_tokenizer",
     "world_size",
 ]
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_DIR = "tokenizer"
 IMAGES_DIR = "images"
 METRICS_FILE = "metrics.jsonl"
+TOKENS_DIR = "tokens"
 PREVIEW_IMAGES = 8  # samples in a preview grid
+VAL_IMAGES = 64  # held-out samples behind a stage-1 validation loss
+LN2 = math.log(2.0)
 
 
 # =============================================================================
@@ -120,20 +165,30 @@ def seed_everything(seed: int) -> None:
 
 
 class _EpochBatches:
-    """Batches of indices, a fresh permutation per epoch, starting at batch ``start``."""
+    """Index batches, a fresh permutation per epoch, starting at batch ``start``.
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0) -> None:
+    Each global batch holds ``batch_size × world`` indices; rank ``r`` gets the
+    ``r``-th slice, so the ranks together see what one process with the global
+    batch would.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
         self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
-        self.drop_last = n >= batch_size
-        self.per_epoch = n // batch_size if self.drop_last else 1
+        self.rank, self.world = rank, world
+        self.global_batch = batch_size * world
+        self.drop_last = n >= self.global_batch
+        self.per_epoch = n // self.global_batch if self.drop_last else 1
 
     def __iter__(self) -> Iterator[list[int]]:
         epoch, offset = divmod(self.start, self.per_epoch)
+        g0, bs = self.rank * self.batch_size, self.batch_size
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             perm = torch.randperm(self.n, generator=g).tolist()
             for b in range(offset, self.per_epoch):
-                yield perm[b * self.batch_size : (b + 1) * self.batch_size]
+                batch = perm[b * self.global_batch : (b + 1) * self.global_batch]
+                yield batch[g0 : g0 + bs] if self.world > 1 else batch
             epoch, offset = epoch + 1, 0
 
 
@@ -144,16 +199,24 @@ def batch_stream(
     seed: int = 0,
     start: int = 0,
     num_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[Any]:
     """Endless collated batches; reshuffled every epoch, a function of ``(seed, position)``.
 
     ``start`` skips that many batches (without loading them), so a resumed run sees
-    the data an uninterrupted one would have seen.
+    the data an uninterrupted one would have seen. With ``world > 1`` this process
+    gets slice ``rank`` of each global batch of ``batch_size × world`` samples.
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise VqgenError("the dataset is empty")
-    sampler = _EpochBatches(n, batch_size, seed, start)
+    if world > 1 and n < batch_size * world:
+        raise VqgenError(
+            f"the dataset has {n} samples, fewer than one global batch of {batch_size} × "
+            f"{world} processes; lower batch_size"
+        )
+    sampler = _EpochBatches(n, batch_size, seed, start, rank, world)
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,  # type: ignore[arg-type]
@@ -216,133 +279,213 @@ class MetricsLogger:
             f.write(json.dumps(dict(record), allow_nan=True) + "\n")
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it over ``path``."""
-    with atomic_path(path) as tmp:
-        write(str(tmp))
-    return path
-
-
-def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> Path:
-    """Write tensors as safetensors, atomically."""
-    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return _atomic(path, lambda tmp: save_file(flat, tmp))
-
-
-def save_json(obj: Any, path: Path) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2, allow_nan=True) + "\n"
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def save_state(obj: Any, path: Path) -> Path:
-    """``torch.save`` of tensors and plain containers (weights_only-loadable), atomically."""
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_component(
-    directory: str | os.PathLike[str],
-    module: nn.Module,
-    *,
-    kind: str,
-    name: str,
-    step: int,
-    metrics: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write ``weights.safetensors`` (the state_dict) and ``meta.json`` into ``directory``.
-
-    ``meta.json``: ``{"kind", "name", "params", "step", "metrics", "vqgen_version"}``,
-    with ``params`` the component's validated params, so :func:`load_component` can
-    rebuild it from the registry by name.
-    """
-    from vqgen import __version__
-
-    directory = Path(directory)
-    save_tensors(module.state_dict(), directory / "weights.safetensors")
-    params = module.params.model_dump(mode="json")  # type: ignore[union-attr,operator]
-    meta = {
-        "kind": kind, "name": name, "params": params, "step": step,
-        "metrics": dict(metrics or {}), "vqgen_version": __version__,
-    }
-    save_json(meta, directory / "meta.json")
-    return directory
-
-
-def load_component(
-    directory: str | os.PathLike[str],
-    registry: Registry | None = None,
-    map_location: str | torch.device = "cpu",
-) -> Any:
-    """Rebuild a component saved by :func:`save_component` (strict weight loading), in eval mode."""
-    directory = Path(directory)
-    meta_path = directory / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise VqgenError(f"{meta_path} not found: not a saved component directory") from None
-    registry = registry or default_registry()
-    module = registry.create(meta["kind"], meta["name"], meta["params"])
-    state = load_file(str(directory / "weights.safetensors"), device=str(map_location))
-    module.load_state_dict(state, strict=True)
-    return module.to(map_location).eval()
-
-
-def _extra_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Buffers not in the state_dict (training bookkeeping such as code usage)."""
-    persistent = module.state_dict().keys()
-    return {n: b for n, b in module.named_buffers() if n not in persistent}
-
-
-def _restore_buffers(module: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
-    buffers = dict(module.named_buffers())
-    for n, t in saved.items():
-        if n in buffers:
-            buffers[n].copy_(t)
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # =============================================================================
-# stage 1: the tokenizer
+# distributed training and graceful stops
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the torchrun job described by the environment (once), pick this rank's device.
+
+    Without ``WORLD_SIZE`` > 1 in the environment: rank 0 of 1, :func:`resolve_device`.
+    NCCL on CUDA devices, gloo on the CPU; on CUDA, rank ``r`` uses ``cuda:LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return DistInfo(), device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local)
+    return info, device
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if info.world > 1:
+        dist.barrier()
+
+
+def _all_max(info: DistInfo, values: list[float], device: torch.device) -> list[float]:
+    """Elementwise maximum of ``values`` over ranks (unchanged for one process)."""
+    if info.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # (n,)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _average_grads(info: DistInfo, module: nn.Module) -> None:
+    """Average the gradients of ``module`` over ranks (what DDP does for wrapped modules)."""
+    if info.world == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= info.world
+
+
+def _broadcast_params(info: DistInfo, module: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers of ``module``."""
+    if info.world == 1:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, 0)
+
+
+def _wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    if info.world == 1:
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+class TrainingInterrupted(VqgenError):
+    """Training stopped by SIGINT / SIGTERM after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """Within ``with``: SIGINT / SIGTERM ask the loop to stop after the current step.
+
+    The loop checks :attr:`requested` once a step, writes a checkpoint and raises
+    :class:`TrainingInterrupted`. A second signal interrupts at once. Outside the
+    main thread (where handlers cannot be installed) it never requests a stop.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: give up on the graceful stop
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+
+
+def _interrupted(stage: str, step: int, signum: int, ckpt: Path | None) -> TrainingInterrupted:
+    where = f"a checkpoint is in {ckpt}; " if ckpt is not None else ""
+    return TrainingInterrupted(
+        f"{signal.Signals(signum).name} received: the {stage} stage stopped after step "
+        f"{step}; {where}continue with `vqgen train CONFIG --run-dir RUN_DIR --resume` "
+        "(or the Python API with resume=True)",
+        signum,
+    )
+
+
+def _every(every: int, done: int, total: int) -> bool:
+    """Whether something done every ``every`` steps (and at the end) is due after ``done``."""
+    return done == total or (every > 0 and done % every == 0)
+
+
+# =============================================================================
+# stage 1: the tokenizer (and the cond stage's tokenizer)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
     return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
 
+def held_out_dataset(config: PipelineConfig, registry: Registry, n: int = 512) -> Any | None:
+    """The config's data with ``split: val`` (at most ``n`` samples), where it has splits."""
+    entry = registry.get("dataset", config.data.name)
+    fields = entry.params_model.model_fields
+    if "split" not in fields:
+        return None
+    params = {**config.data.params, "split": "val"}
+    if "length" in fields:
+        params["length"] = min(n, int(params.get("length") or n))
+    return registry.create("dataset", config.data.name, params)
+
+
 class _Stage1:
     """State shared by the fitted and the GAN-trained stage-1 loops."""
 
     def __init__(
-        self, config: PipelineConfig, run_dir: Path | None, registry: Registry, progress: bool
+        self,
+        config: PipelineConfig,
+        run_dir: Path | None,
+        registry: Registry,
+        progress: bool,
+        stage: str,
+        conditioner: Any,
     ) -> None:
-        self.config, self.run_dir, self.progress = config, run_dir, progress
-        self.cfg = config.train.tokenizer
-        self.device = resolve_device(self.cfg.device)
+        self.config, self.run_dir, self.stage = config, run_dir, stage
+        self.cfg: StageTrainConfig = getattr(config.train, stage)
+        self.dist, self.device = setup_distributed(self.cfg.device)
+        self.progress = progress and self.dist.main
         seed_everything(self.cfg.seed)
-        self.dataset = registry.create("dataset", config.data.name, config.data.params)
-        self.tok = registry.create("tokenizer", config.tokenizer.name, config.tokenizer.params)
+        data = registry.create("dataset", config.data.name, config.data.params)
+        held = held_out_dataset(config, registry, VAL_IMAGES)
+        if stage == "cond":
+            tok = getattr(conditioner, "tokenizer", None)
+            if tok is None:
+                raise VqgenError(
+                    "the cond stage trains a spatial conditioner's own tokenizer, but "
+                    f"{type(conditioner).__name__} has none"
+                )
+            self.tok = tok
+            self.name = registry.name_of(tok)[1]
+            self.key = getattr(tok, "input_key", "image")
+            self.dataset: Any = ConditionInputs(data, conditioner, self.key)
+            self.held = ConditionInputs(held, conditioner, self.key) if held else None
+        else:
+            self.tok = registry.create("tokenizer", config.tokenizer.name,
+                                       config.tokenizer.params)
+            self.name = config.tokenizer.name
+            self.key = self.cfg.input_key or getattr(self.tok, "input_key", "image")
+            self.dataset, self.held = data, held
         self.tok.to(self.device)
-        self.key = self.cfg.input_key or getattr(self.tok, "input_key", "image")
         sample = self.dataset[0]
         if self.key not in sample:
             raise VqgenError(
                 f"dataset {config.data.name!r} has no {self.key!r} in its samples (it has "
-                f"{', '.join(sorted(sample))}); set train.tokenizer.input_key"
+                f"{', '.join(sorted(sample))}); set train.{stage}.input_key"
             )
-        self.ckpt_dir = run_dir / TOKENIZER_DIR if run_dir else None
-        self.metrics = MetricsLogger(run_dir / METRICS_FILE if run_dir else None)
+        self.ckpt_dir = run_dir / stage if run_dir and self.dist.main else None
+        self.metrics = MetricsLogger(run_dir / METRICS_FILE if run_dir and self.dist.main
+                                     else None)
         self.last_metrics: dict[str, float] = {}
         n = min(PREVIEW_IMAGES, len(self.dataset))
         self.preview = torch.stack([self.dataset[i][self.key] for i in range(n)])
@@ -353,23 +496,25 @@ class _Stage1:
         prepare = getattr(self.tok, "prepare_input", None)
         return prepare(x) if prepare is not None else x
 
-    def stream(self, start_step: int) -> Iterator[Any]:
+    def stream(self, start_step: int, sharded: bool = True) -> Iterator[Any]:
         cfg = self.cfg
+        rank, world = (self.dist.rank, self.dist.world) if sharded else (0, 1)
         return batch_stream(
-            self.dataset, cfg.batch_size, seed=cfg.seed,
-            start=start_step * cfg.grad_accum, num_workers=cfg.num_workers,
+            self.dataset, cfg.batch_size * (1 if sharded else self.dist.world),
+            seed=cfg.seed, start=start_step * cfg.grad_accum, num_workers=cfg.num_workers,
+            rank=rank, world=world,
         )
 
     def record(self, step: int, averager: _Averager, extra: Mapping[str, Any]) -> None:
         values = averager.pop()
         self.last_metrics = values
-        rec = {"step": step, "stage": "tokenizer", **extra,
+        rec = {"step": step, "stage": self.stage, **extra,
                "elapsed_s": round(time.time() - self.t0, 3), **values}
         self.metrics.log(rec)
 
     @torch.no_grad()
     def save_preview(self, step: int) -> None:
-        if self.run_dir is None:
+        if self.ckpt_dir is None or self.run_dir is None:
             return
         from vqgen.core.data import save_image_grid
 
@@ -382,44 +527,62 @@ class _Stage1:
             recon = self.tok(x).recon
         to_rgb = getattr(self.tok, "to_rgb", lambda t: t)
         grid = torch.cat([to_rgb(x), to_rgb(recon)]).float().cpu()  # (2n, C, H, W)
-        save_image_grid(grid, self.run_dir / IMAGES_DIR / f"tokenizer_{step:06d}.png",
+        save_image_grid(grid, self.run_dir / IMAGES_DIR / f"{self.stage}_{step:06d}.png",
                         nrow=x.shape[0])
         self.tok.train(was_training)
 
     def due(self, every: int, done: int) -> bool:
-        return done == self.cfg.steps or (every > 0 and done % every == 0)
+        return _every(every, done, self.cfg.steps)
 
-    def save(self, step: int, state: dict[str, Any], discriminator: nn.Module | None) -> None:
+    @torch.no_grad()
+    def val_loss(self, loss_fn: Any = None) -> float | None:
+        """The stage's loss without its GAN term on up to 64 held-out samples, or None."""
+        if self.held is None:
+            return None
+        was_training = self.tok.training
+        self.tok.eval()
+        batch = [self.held[i][self.key] for i in range(min(VAL_IMAGES, len(self.held)))]
+        x = self.input_of({self.key: torch.stack(batch)})
+        if loss_fn is None:
+            value = float((self.tok.decode(self.tok.encode(x)) - x).abs().mean())
+        else:
+            _, logs = loss_fn.generator_loss(x, self.tok(x), -1, self.tok.last_layer)
+            value = float(logs.get("nll", logs["loss"]))
+        self.tok.train(was_training)
+        return value
+
+    def save(self, step: int, state: dict[str, Any], discriminator: nn.Module | None,
+             loss_fn: Any = None) -> None:
         if self.ckpt_dir is None:
             return
         d = self.ckpt_dir
         if discriminator is not None:
             save_tensors(discriminator.state_dict(), d / "discriminator.safetensors")
-        state = {**state, "step": step, "rng": _rng_state(),
-                 "buffers": {k: v.cpu() for k, v in _extra_buffers(self.tok).items()}}
+        val = self.val_loss(loss_fn) if self.cfg.keep_best else None
+        metrics = {**self.last_metrics, **({"val_loss": val} if val is not None else {})}
+        state = {**state, "step": step, "rng": rng_state(), "buffers": extra_buffers(self.tok)}
         save_state(state, d / "train_state.pt")
         # weights.safetensors, then meta.json last: its step marks a complete checkpoint
-        save_component(d, self.tok, kind="tokenizer", name=self.config.tokenizer.name,
-                       step=step, metrics=self.last_metrics)
+        save_component(d, self.tok, kind="tokenizer", name=self.name, step=step,
+                       metrics=metrics)
+        keep_checkpoint(d, step, keep_last=self.cfg.keep_last, val_loss=val,
+                        keep_best=self.cfg.keep_best)
 
     def load(self, discriminator: nn.Module | None) -> dict[str, Any] | None:
         """The saved train state (weights restored into the models), or None."""
-        d = self.ckpt_dir
+        d = self.run_dir / self.stage if self.run_dir else None
         if d is None or not (d / "meta.json").is_file():
             return None
-        meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-        state = torch.load(d / "train_state.pt", map_location="cpu", weights_only=True)
+        meta = read_meta(d)
+        state = load_train_state(d / "train_state.pt")
         if meta.get("step") != state.get("step"):
-            raise VqgenError(f"{d}: meta.json and train_state.pt disagree on the step; "
-                             "the checkpoint is incomplete")
-        dev = str(self.device)
-        self.tok.load_state_dict(load_file(str(d / "weights.safetensors"), device=dev))
+            raise CheckpointError(f"{d}: meta.json and train_state.pt disagree on the step; "
+                                  "the checkpoint is incomplete")
+        load_weights(self.tok, d / "weights.safetensors", self.device)
         if discriminator is not None:
-            discriminator.load_state_dict(
-                load_file(str(d / "discriminator.safetensors"), device=dev)
-            )
-        _restore_buffers(self.tok, state["buffers"])
-        _set_rng_state(state["rng"])
+            load_weights(discriminator, d / "discriminator.safetensors", self.device)
+        restore_buffers(self.tok, state["buffers"])
+        set_rng_state(state["rng"])
         return state
 
 
@@ -430,32 +593,40 @@ def train_tokenizer(
     registry: Registry | None = None,
     progress: bool = True,
     resume: bool = False,
+    stage: str = "tokenizer",
+    conditioner: Any = None,
 ) -> Any:
-    """Train the first stage of ``config`` (tokenizer on its data); return it in eval mode.
+    """Train a first stage of ``config``; return the tokenizer in eval mode.
 
-    Settings come from ``config.train.tokenizer``. With ``run_dir`` it writes metrics,
-    preview grids and checkpoints there (layout in the module docstring); ``resume``
-    continues from the checkpoint in ``run_dir`` when there is one. k-means-like
-    tokenizers are fitted (``fit_step``), VQGAN-like ones trained with their GAN
-    objective (see the module docstring for both protocols).
+    ``stage="tokenizer"``: the config's tokenizer on its data, settings from
+    ``config.train.tokenizer``. ``stage="cond"``: ``conditioner``'s own tokenizer
+    on ``conditioner.condition_input`` of the data, settings from
+    ``config.train.cond``. With ``run_dir`` it writes metrics, preview grids and
+    checkpoints to ``run_dir/<stage>``; ``resume`` continues from that checkpoint.
+    k-means-like tokenizers are fitted (``fit_step``), VQGAN-like ones trained with
+    their GAN objective (see the module docstring for both protocols). SIGINT /
+    SIGTERM write a checkpoint and raise :class:`TrainingInterrupted`.
     """
+    if stage not in ("tokenizer", "cond"):
+        raise VqgenError(f"unknown stage-1 stage {stage!r}; valid: tokenizer, cond")
     run = _Stage1(config, Path(run_dir) if run_dir else None, registry or default_registry(),
-                  progress)
+                  progress, stage, conditioner)
     tok = run.tok
-    if hasattr(tok, "fit_step"):
-        _fit_loop(run, resume)
-    elif hasattr(tok, "build_loss"):
-        _gan_loop(run, resume)
-    else:
-        raise VqgenError(
-            f"tokenizer {config.tokenizer.name!r} ({type(tok).__name__}) cannot be trained by "
-            "vqgen's stage-1 loop: it has neither fit_step() nor build_loss()"
-        )
+    with StopSignals() as stop:
+        if hasattr(tok, "fit_step"):
+            _fit_loop(run, resume, stop)
+        elif hasattr(tok, "build_loss"):
+            _gan_loop(run, resume, stop)
+        else:
+            raise VqgenError(
+                f"tokenizer {run.name!r} ({type(tok).__name__}) cannot be trained by "
+                "vqgen's stage-1 loop: it has neither fit_step() nor build_loss()"
+            )
     return tok.eval()
 
 
-def _fit_loop(run: _Stage1, resume: bool) -> None:
-    """Fitted tokenizers (k-means): one ``fit_step`` per batch, no optimizer."""
+def _fit_loop(run: _Stage1, resume: bool, stop: StopSignals) -> None:
+    """Fitted tokenizers (k-means): one ``fit_step`` per global batch, no optimizer."""
     cfg, tok = run.cfg, run.tok
     generator = torch.Generator().manual_seed(cfg.seed)
     start = 0
@@ -463,8 +634,9 @@ def _fit_loop(run: _Stage1, resume: bool) -> None:
         start = int(state["step"])
         generator.set_state(state["generator"])
     avg = _Averager()
-    bar = progress_bar(cfg.steps, initial=start, desc="tokenizer (fit)", enabled=run.progress)
-    batches = run.stream(start)
+    bar = progress_bar(cfg.steps, initial=start, desc=f"{run.stage} (fit)",
+                       enabled=run.progress)
+    batches = run.stream(start, sharded=False)  # every rank fits the same global batch
     for step in range(start, cfg.steps):
         stats = tok.fit_step(run.input_of(next(batches)), generator)
         check_finite(step, stats)
@@ -476,19 +648,23 @@ def _fit_loop(run: _Stage1, resume: bool) -> None:
             run.record(done, avg, {})
         if run.due(cfg.image_every, done) and cfg.image_every > 0:
             run.save_preview(done)
-        if run.due(cfg.checkpoint_every, done):
+        stopping = _all_max(run.dist, [float(stop.requested)], run.device)[0] > 0
+        if run.due(cfg.checkpoint_every, done) or stopping:
             run.save(done, {"generator": generator.get_state()}, None)
+        if stopping and done < cfg.steps:
+            bar.close()
+            raise _interrupted(run.stage, done, stop.signum or signal.SIGTERM, run.ckpt_dir)
     bar.close()
     if cfg.steps == start:  # nothing to do; still leave a checkpoint behind
         run.save(start, {"generator": generator.get_state()}, None)
 
 
-def _gan_loop(run: _Stage1, resume: bool) -> None:
+def _gan_loop(run: _Stage1, resume: bool, stop: StopSignals) -> None:
     """GAN-trained tokenizers (VQGAN): alternating generator / discriminator Adam steps."""
-    cfg, tok = run.cfg, run.tok
+    cfg, tok, info = run.cfg, run.tok, run.dist
     loss_fn = tok.build_loss().to(run.device)
     disc = loss_fn.discriminator
-    lr = resolve_lr(cfg)
+    lr = resolve_lr(cfg, info.world)
     betas = cfg.betas or (0.5, 0.9)
     opt_g = torch.optim.Adam([p for p in tok.parameters() if p.requires_grad], lr, betas=betas)
     opt_d = torch.optim.Adam(disc.parameters(), lr, betas=betas) if disc is not None else None
@@ -498,38 +674,50 @@ def _gan_loop(run: _Stage1, resume: bool) -> None:
         opt_g.load_state_dict(state["opt_g"])
         if opt_d is not None:
             opt_d.load_state_dict(state["opt_d"])
+    if info.world > 1:  # per-rank dropout / restarts draw from different streams
+        torch.manual_seed(cfg.seed * 1_000_003 + info.rank + start)
     tok.train()
     loss_fn.train()
-    log.info("training tokenizer at lr %.3g (betas %s) for %d steps", lr, betas, cfg.steps)
+    model = _wrap_ddp(tok, info, run.device)
+    log.info("training %s at lr %.3g (betas %s) for %d steps", run.stage, lr, betas, cfg.steps)
 
     def train_state() -> dict[str, Any]:
         return {"opt_g": opt_g.state_dict(),
                 "opt_d": opt_d.state_dict() if opt_d is not None else {}, "lr": lr}
 
     avg = _Averager()
-    bar = progress_bar(cfg.steps, initial=start, desc="tokenizer", enabled=run.progress)
+    bar = progress_bar(cfg.steps, initial=start, desc=run.stage, enabled=run.progress)
     batches = run.stream(start)
     for step in range(start, cfg.steps):
         opt_g.zero_grad(set_to_none=True)
         if opt_d is not None:
             opt_d.zero_grad(set_to_none=True)
         d_on = loss_fn.disc_active(step)
-        for _ in range(cfg.grad_accum):
+        restarted = 0.0
+        for micro in range(cfg.grad_accum):
             x = run.input_of(next(batches))
-            out = tok(x)
-            g_loss, logs = loss_fn.generator_loss(x, out, step, tok.last_layer)
-            check_finite(step, logs)
-            (g_loss / cfg.grad_accum).backward()
+            last = micro == cfg.grad_accum - 1
+            sync = model.no_sync() if info.world > 1 and not last else contextlib.nullcontext()
+            with sync:  # type: ignore[attr-defined]
+                out = model(x)
+                g_loss, logs = loss_fn.generator_loss(x, out, step, tok.last_layer)
+                check_finite(step, logs)
+                (g_loss / cfg.grad_accum).backward()
             if d_on:
                 d_loss, d_logs = loss_fn.discriminator_loss(x, out.recon, step)
                 check_finite(step, d_logs)
                 (d_loss / cfg.grad_accum).backward()
                 logs.update(d_logs)
+            restarted += float(out.restarted)
             logs.update(usage=out.usage, perplexity=out.perplexity, restarted=out.restarted)
             avg.add(logs)
         opt_g.step()
-        if d_on and opt_d is not None:
+        if d_on and opt_d is not None and disc is not None:
+            _average_grads(info, disc)
             opt_d.step()
+        stopping, restarted = _all_max(info, [float(stop.requested), restarted], run.device)
+        if restarted > 0:  # the codebook was re-seeded from each rank's own batch
+            _broadcast_params(info, tok)
         done = step + 1
         bar.update(1)
         shown = {k: f"{float(logs[k]):.4g}" for k in ("loss", "rec", "ce", "usage") if k in logs}
@@ -538,8 +726,315 @@ def _gan_loop(run: _Stage1, resume: bool) -> None:
             run.record(done, avg, {"lr": lr})
         if cfg.image_every > 0 and run.due(cfg.image_every, done):
             run.save_preview(done)
-        if run.due(cfg.checkpoint_every, done):
-            run.save(done, train_state(), disc)
+        if run.due(cfg.checkpoint_every, done) or stopping:
+            run.save(done, train_state(), disc, loss_fn)
+        if stopping and done < cfg.steps:
+            bar.close()
+            raise _interrupted(run.stage, done, stop.signum or signal.SIGTERM, run.ckpt_dir)
     bar.close()
     if cfg.steps == start:
-        run.save(start, train_state(), disc)
+        run.save(start, train_state(), disc, loss_fn)
+
+
+# =============================================================================
+# stage 2: the prior on cached tokens
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups: decay on Linear/conv weights, none on biases, norms, embeddings."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            wd = name == "weight" and isinstance(module, nn.Linear | nn.Conv2d | nn.Conv1d)
+            (decay if wd else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``floor × base``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+class _Tokens(Dataset):
+    """A token cache as ``{"seq": [L], "cond": [Lc]}`` items in the prior's order."""
+
+    def __init__(self, cache: TokenCache, ordering: Any) -> None:
+        self.cache, self.ordering = cache, ordering
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.cache[i]
+        out = {"seq": self.ordering.flatten(item["codes"][None])[0]}  # (L,)
+        if "cond" in item:
+            out["cond"] = item["cond"]
+        return out
+
+
+class _PriorNLL(nn.Module):
+    """``forward(seq, cond) = prior.nll(seq, cond)``: what DistributedDataParallel wraps."""
+
+    def __init__(self, prior: nn.Module) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, seq: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.prior.nll(seq, cond)  # type: ignore[operator,no-any-return]
+
+
+def _cond_input(pipe: Pipeline, raw: torch.Tensor | None, dropout: float,
+                gen: torch.Generator | None = None, info: DistInfo = DistInfo()
+                ) -> torch.Tensor | None:
+    """Conditioner ids ``[B, Lc]`` → the prior's ids, with condition dropout applied.
+
+    The dropout draws cover the global batch, so ranks drop what one process would.
+    """
+    if raw is None:
+        return None
+    if dropout > 0:
+        assert pipe.conditioner is not None
+        b = raw.shape[0]
+        u = torch.rand(b * info.world, generator=gen, device=raw.device)  # (B·world,)
+        drop = u[info.rank * b : (info.rank + 1) * b] < dropout  # (B,)
+        raw = torch.where(drop[:, None], pipe.conditioner.null_like(raw), raw)
+    return raw + pipe.cond_offset
+
+
+@torch.no_grad()
+def token_nll(pipe: Pipeline, cache: TokenCache, batch_size: int = 64) -> dict[str, float]:
+    """Mean NLL of the cached tokens under ``pipe.prior``: nats and bits per token."""
+    prior = pipe._require_prior()
+    was = prior.training
+    prior.eval()
+    device = pipe.device
+    total, count = 0.0, 0
+    data = _Tokens(cache, pipe.ordering)
+    for i in range(0, len(data), batch_size):
+        items = [data[j] for j in range(i, min(i + batch_size, len(data)))]
+        seq = torch.stack([it["seq"] for it in items]).to(device)  # (B, L)
+        raw = torch.stack([it["cond"] for it in items]).to(device) if "cond" in items[0] else None
+        nll = prior.nll(seq, _cond_input(pipe, raw, 0.0))  # (B,)
+        total += float(nll.sum())
+        count += len(items)
+    prior.train(was)
+    nats = total / max(count, 1)
+    return {"nll_nats": nats, "nll_bits": nats / LN2}
+
+
+def build_pipeline(
+    config: PipelineConfig,
+    tokenizer: Any,
+    conditioner: Any,
+    grid: tuple[int, int],
+    registry: Registry,
+) -> Pipeline:
+    """The Pipeline of ``config`` around an existing tokenizer and conditioner."""
+    if config.prior is None:
+        raise VqgenError("the config has no prior section: nothing to train in stage 2")
+    prior = registry.create("prior", config.prior.name, config.prior.params)
+    ordering = (
+        registry.create("ordering", config.ordering.name, config.ordering.params)
+        if config.ordering else RasterOrder()
+    )
+    sampler = (
+        registry.create("sampler", config.sampler.name, config.sampler.params)
+        if config.sampler else None
+    )
+    return Pipeline(tokenizer, prior, grid=grid, ordering=ordering, sampler=sampler,
+                    conditioner=conditioner)
+
+
+def _token_caches(config: PipelineConfig, registry: Registry, tokenizer: Any, conditioner: Any,
+                  root: Path, cfg: StageTrainConfig, progress: bool,
+                  info: DistInfo) -> tuple[TokenCache, TokenCache | None]:
+    """The training and held-out token caches; rank 0 encodes, the others then open."""
+    dataset = registry.create("dataset", config.data.name, config.data.params)
+    held = held_out_dataset(config, registry)
+    data_key = {"data": config.data.model_dump(mode="json")}
+
+    def build() -> tuple[TokenCache, TokenCache | None]:
+        cache = TokenCache.build(root, dataset, tokenizer, conditioner, data=data_key,
+                                 batch_size=cfg.batch_size, progress=progress)
+        held_cache = (
+            TokenCache.build(root, held, tokenizer, conditioner,
+                             data={**data_key, "split": "val", "n": len(held)},
+                             batch_size=cfg.batch_size, progress=progress)
+            if held is not None else None
+        )
+        return cache, held_cache
+
+    if info.main:
+        out = build()
+    barrier(info)
+    if not info.main:
+        out = build()
+    return out
+
+
+def train_prior(
+    config: PipelineConfig,
+    tokenizer: Any,
+    conditioner: Any = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    *,
+    registry: Registry | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    cache_root: str | os.PathLike[str] | None = None,
+) -> Pipeline:
+    """Train the prior of ``config`` on tokens of ``tokenizer`` (and ``conditioner``).
+
+    Returns the Pipeline in eval mode. With ``run_dir`` it logs to
+    ``metrics.jsonl``, keeps the token cache in ``run_dir/tokens`` and checkpoints
+    to ``run_dir/prior``; ``resume`` continues from that checkpoint. SIGINT /
+    SIGTERM write a checkpoint and raise :class:`TrainingInterrupted`.
+    """
+    registry = registry or default_registry()
+    cfg = config.train.prior
+    info, device = setup_distributed(cfg.device)
+    progress = progress and info.main
+    seed_everything(cfg.seed)
+    run = Path(run_dir) if run_dir else None
+    tokenizer = tokenizer.to(device).eval()
+    if conditioner is not None:
+        conditioner = conditioner.to(device).eval()
+    root = Path(cache_root) if cache_root else (run / TOKENS_DIR if run else None)
+    if root is None:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="vqgen-tokens-"))
+    cache, held_cache = _token_caches(config, registry, tokenizer, conditioner, root, cfg,
+                                      progress, info)
+    grid = (int(cache.codes.shape[1]), int(cache.codes.shape[2]))
+    pipe = build_pipeline(config, tokenizer, conditioner, grid, registry).to(device)
+    prior = pipe._require_prior()
+    if cfg.cond_dropout > 0 and (conditioner is None or conditioner.null_id is None):
+        raise VqgenError(
+            "train.prior.cond_dropout > 0 needs a conditioner with a null token "
+            "(conditioner.params.null_token: true)"
+        )
+    base_lr = resolve_lr(cfg, info.world)
+    betas = cfg.betas or (0.9, 0.95)
+    opt = torch.optim.AdamW(optimizer_groups(prior, cfg.weight_decay), lr=base_lr, betas=betas)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    start = 0
+    ckpt = run / "prior" if run else None
+    if resume and ckpt is not None and (ckpt / "meta.json").is_file():
+        start = _load_prior(ckpt, prior, opt, gen, device)
+    if info.world > 1:  # per-rank dropout masks from different streams
+        torch.manual_seed(cfg.seed * 1_000_003 + info.rank + start)
+    metrics = MetricsLogger(run / METRICS_FILE if run and info.main else None)
+    stream: Iterator[Mapping[str, torch.Tensor]] = batch_stream(
+        _Tokens(cache, pipe.ordering), cfg.batch_size, seed=cfg.seed,
+        start=start * cfg.grad_accum, num_workers=cfg.num_workers,
+        rank=info.rank, world=info.world,
+    )
+    amp = device.type == "cuda" and cfg.amp != "none"
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.amp == "fp16")
+    prior.train()
+    model: nn.Module = _wrap_ddp(_PriorNLL(prior), info, device)
+    if cfg.compile and device.type == "cuda":
+        model = torch.compile(model)  # type: ignore[assignment]
+    bar = progress_bar(cfg.steps, initial=start, desc="prior", enabled=progress)
+    t0, sums, n_logs, last = time.time(), 0.0, 0, {}
+    with StopSignals() as stop:
+        try:
+            for step in range(start, cfg.steps):
+                lr = lr_at(step, base_lr, cfg.warmup_steps, cfg.steps)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss_sum = 0.0
+                for micro in range(cfg.grad_accum):
+                    batch = next(stream)
+                    seq = batch["seq"].to(device)  # (B, L)
+                    raw = batch["cond"].to(device) if "cond" in batch else None  # (B, Lc)
+                    c = _cond_input(pipe, raw, cfg.cond_dropout, gen, info)
+                    last_micro = micro == cfg.grad_accum - 1
+                    sync = (model.no_sync() if info.world > 1 and not last_micro  # type: ignore
+                            else contextlib.nullcontext())
+                    with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                        loss = model(seq, c).mean() / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                    loss_sum += float(loss.detach())
+                loss_sum, stopping = _global_loss(info, loss_sum, stop, device)
+                check_finite(step, {"prior_nll": loss_sum})
+                scaler.unscale_(opt)
+                grad_norm = float(nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip))
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                sums += loss_sum
+                n_logs += 1
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix(nll=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
+                saving = ckpt is not None and info.main and (
+                    _every(cfg.checkpoint_every, done, cfg.steps) or stopping
+                )
+                val = ({f"val_{k}": v for k, v in token_nll(pipe, held_cache).items()}
+                       if held_cache is not None and info.main
+                       and (saving or done == cfg.steps) else {})
+                if _every(cfg.log_every, done, cfg.steps):
+                    last = {"step": done, "stage": "prior", "nll_nats": sums / n_logs,
+                            "lr": lr, "grad_norm": grad_norm,
+                            "elapsed_s": round(time.time() - t0, 2)}
+                    if done == cfg.steps:
+                        last.update(val)
+                    metrics.log(last)
+                    sums, n_logs = 0.0, 0
+                if saving:
+                    assert ckpt is not None
+                    _save_prior(ckpt, config, prior, opt, gen, done, {**last, **val},
+                                val.get("val_nll_nats"))
+                if stopping and done < cfg.steps:
+                    raise _interrupted("prior", done, stop.signum or signal.SIGTERM, ckpt)
+        finally:
+            bar.close()
+    return pipe.eval()
+
+
+def _global_loss(info: DistInfo, loss: float, stop: StopSignals, device: torch.device
+                 ) -> tuple[float, bool]:
+    """The loss averaged over ranks, and whether any rank was asked to stop."""
+    if info.world == 1:
+        return loss, stop.requested
+    t = torch.tensor([loss, float(stop.requested)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)  # sum: a NaN anywhere reaches every rank
+    return float(t[0]) / info.world, bool(t[1] > 0)
+
+
+def _save_prior(d: Path, config: PipelineConfig, prior: nn.Module, opt: torch.optim.Optimizer,
+                gen: torch.Generator, step: int, metrics: Mapping[str, Any],
+                val_loss: float | None) -> None:
+    save_state({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(),
+                "generator": gen.get_state()}, d / "train_state.pt")
+    assert config.prior is not None
+    save_component(d, prior, kind="prior", name=config.prior.name, step=step, metrics=metrics)
+    cfg = config.train.prior
+    keep_checkpoint(d, step, keep_last=cfg.keep_last, val_loss=val_loss,
+                    keep_best=cfg.keep_best)
+
+
+def _load_prior(d: Path, prior: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                device: torch.device) -> int:
+    meta = read_meta(d)
+    state = load_train_state(d / "train_state.pt")
+    if meta.get("step") != state.get("step"):
+        raise CheckpointError(f"{d}: meta.json and train_state.pt disagree on the step; the "
+                              "checkpoint is incomplete")
+    load_weights(prior, d / "weights.safetensors", device)
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    if "generator" in state:
+        gen.set_state(state["generator"])
+    return int(state["step"])

@@ -11,7 +11,7 @@ import torch
 
 import vqgen
 from vqgen.core.config import parse_config
-from vqgen.core.stage2 import lr_at, optimizer_groups, token_nll, train_prior
+from vqgen.core.training import lr_at, optimizer_groups, token_nll, train_prior
 
 
 def config(prior: dict[str, Any], steps: int = 200, **train: Any) -> dict[str, Any]:

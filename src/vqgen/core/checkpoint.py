@@ -1,0 +1,291 @@
+"""Checkpoints: safetensors weights + JSON metadata + optimizer state, atomic and resumable.
+
+A stage directory (``tokenizer/``, ``cond/``, ``prior/``) holds the latest
+checkpoint::
+
+    weights.safetensors    the component's state_dict, nothing else
+    meta.json              kind, registry name, params, step, metrics, vqgen version
+    train_state.pt         optimizer state, step, RNG states (tensors and plain containers)
+    *.safetensors          other trained modules (e.g. discriminator.safetensors)
+    history/step_NNNNNN/   the last ``keep_last`` checkpoints (hard links: no copies)
+    best/                  the checkpoint with the lowest validation loss, with best.json
+
+Every file is written to a temporary file and renamed over its target, and
+``meta.json`` is written last: its ``step`` names a complete checkpoint, so a crash
+at any point leaves the previous checkpoint readable. Weights load only from
+safetensors, train state only through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vqgen.core.errors import VqgenError
+from vqgen.core.io import atomic_path
+from vqgen.core.registry import Registry, default_registry
+
+__all__ = [
+    "CheckpointError",
+    "keep_checkpoint",
+    "load_component",
+    "load_tensors",
+    "load_train_state",
+    "read_meta",
+    "rng_state",
+    "save_component",
+    "save_json",
+    "save_state",
+    "save_tensors",
+    "set_rng_state",
+]
+
+META_FILE = "meta.json"
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "train_state.pt"
+HISTORY_DIR = "history"
+BEST_DIR = "best"
+
+
+class CheckpointError(VqgenError):
+    """A checkpoint file that is missing, truncated or not written by vqgen."""
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it over ``path``."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
+    return path
+
+
+def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> Path:
+    """Write tensors as safetensors, atomically."""
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return _atomic(path, lambda tmp: save_file(flat, tmp))
+
+
+def save_json(obj: Any, path: Path) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2, allow_nan=True) + "\n"
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_state(obj: Any, path: Path) -> Path:
+    """``torch.save`` of tensors and plain containers (weights_only-loadable), atomically."""
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_tensors(path: str | os.PathLike[str], device: str | torch.device = "cpu"
+                 ) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a clear error when it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the checkpoint is incomplete")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({exc}); it is truncated or was not "
+            "written by vqgen. Restore it, or retrain this stage in a new run directory"
+        ) from None
+
+
+def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A ``train_state.pt`` read with ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the checkpoint is incomplete")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for bad files
+        raise CheckpointError(
+            f"{path} cannot be read as a vqgen train state ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); it is truncated, or not ours "
+            "(only tensors and plain containers are loaded, never pickled objects)"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a vqgen train state (no 'step' entry)")
+    return state
+
+
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``meta.json`` of a saved component, checked for the fields vqgen writes."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: not a saved vqgen component directory")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}); the checkpoint is truncated or not ours"
+        ) from None
+    missing = [k for k in ("kind", "name", "params", "step") if not isinstance(meta, dict)
+               or k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a vqgen checkpoint: it lacks {', '.join(missing)}"
+        )
+    return meta
+
+
+def save_component(
+    directory: str | os.PathLike[str],
+    module: nn.Module,
+    *,
+    kind: str,
+    name: str,
+    step: int,
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``weights.safetensors`` (the state_dict) and ``meta.json`` into ``directory``.
+
+    ``meta.json``: ``{"kind", "name", "params", "step", "metrics", "vqgen_version"}``,
+    with ``params`` the component's validated params, so :func:`load_component` can
+    rebuild it from the registry by name.
+    """
+    from vqgen import __version__
+
+    directory = Path(directory)
+    save_tensors(module.state_dict(), directory / WEIGHTS_FILE)
+    params = module.params.model_dump(mode="json")  # type: ignore[union-attr,operator]
+    meta = {
+        "kind": kind, "name": name, "params": params, "step": step,
+        "metrics": dict(metrics or {}), "vqgen_version": __version__,
+    }
+    save_json(meta, directory / META_FILE)
+    return directory
+
+
+def load_weights(module: nn.Module, path: Path, device: str | torch.device = "cpu") -> None:
+    """Load a safetensors state_dict into ``module`` strictly; mismatches name the keys."""
+    state = load_tensors(path, device)
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append("missing " + ", ".join(result.missing_keys[:8]))
+    if result.unexpected_keys:
+        problems.append("unexpected " + ", ".join(result.unexpected_keys[:8]))
+    if problems:
+        raise CheckpointError(
+            f"{path} does not fit {type(module).__name__}: {'; '.join(problems)}. It was "
+            "saved for other params or another component"
+        )
+
+
+def load_component(
+    directory: str | os.PathLike[str],
+    registry: Registry | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Any:
+    """Rebuild a component saved by :func:`save_component` (strict weight loading), in eval mode."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    registry = registry or default_registry()
+    module = registry.create(meta["kind"], meta["name"], meta["params"])
+    try:
+        load_weights(module, directory / WEIGHTS_FILE, map_location)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{directory / WEIGHTS_FILE}: {exc}") from None
+    return module.to(map_location).eval()
+
+
+def extra_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers not in the state_dict (training bookkeeping such as code usage)."""
+    persistent = module.state_dict().keys()
+    return {n: b.detach().cpu() for n, b in module.named_buffers() if n not in persistent}
+
+
+def restore_buffers(module: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
+    """Copy buffers saved by :func:`extra_buffers` back into ``module``."""
+    buffers = dict(module.named_buffers())
+    for n, t in saved.items():
+        if n in buffers:
+            buffers[n].copy_(t)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global torch RNG states (CPU, and CUDA where present)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _snapshot(directory: Path, target: Path) -> None:
+    """Copy the checkpoint files of ``directory`` (not its subfolders) into ``target``.
+
+    Written into a temporary folder that is renamed at the end, so ``target`` is
+    never half-written; files are hard-linked where possible.
+    """
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(directory.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            _link_or_copy(f, tmp / f.name)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def keep_checkpoint(
+    directory: str | os.PathLike[str],
+    step: int,
+    *,
+    keep_last: int,
+    val_loss: float | None = None,
+    keep_best: bool = True,
+) -> dict[str, Any]:
+    """After a checkpoint was written to ``directory``: keep history and the best one.
+
+    Adds ``history/step_NNNNNN`` and prunes it to the newest ``keep_last``; when
+    ``val_loss`` is lower than the one in ``best/best.json`` (or there is none),
+    ``best/`` becomes this checkpoint. Returns ``{"history": [...], "best_step": n}``.
+    """
+    directory = Path(directory)
+    out: dict[str, Any] = {"history": [], "best_step": None}
+    if keep_last > 0:
+        hist = directory / HISTORY_DIR
+        _snapshot(directory, hist / f"step_{step:06d}")
+        snaps = sorted(p for p in hist.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        for old in snaps[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        out["history"] = [p.name for p in snaps[-keep_last:]]
+    best_json = directory / BEST_DIR / "best.json"
+    if keep_best and val_loss is not None:
+        try:
+            best = json.loads(best_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            best = None
+        if best is None or float(val_loss) < float(best["val_loss"]):
+            _snapshot(directory, directory / BEST_DIR)
+            save_json({"step": step, "val_loss": float(val_loss)}, best_json)
+            best = {"step": step}
+        out["best_step"] = best["step"]
+    return out
