@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import vqgen
 from vqgen.core.cli import main
@@ -39,7 +40,7 @@ def test_sample_from_cli_and_python(run: Path, tmp_path: Path) -> None:
     assert main(["sample", str(run), "--n", "8", "--seed", "1", "-o", str(out), "--codes"]) == 0
     with Image.open(out) as im:  # 4 classes × 2 per row of 32 px images, 2 px padding
         assert im.size == (2 * 34 + 2, 4 * 34 + 2)
-    codes = torch.load(out.with_suffix(".codes.pt"), weights_only=True)
+    codes = load_file(str(out.with_suffix(".codes.safetensors")))["codes"]
     pipe = vqgen.Pipeline.from_run(run)
     again = pipe.generate(8, torch.arange(4).repeat_interleave(2), seed=1)
     assert torch.equal(again.codes, codes)
@@ -79,11 +80,14 @@ def test_config_diff_names_paths() -> None:
 
 
 def test_demo_command_writes_pictures_and_metrics(run: Path) -> None:
-    assert main(["demo", "--config", str(TINY), "--out", str(run), "--per-class", "2"]) == 0
+    assert main(["demo", "--config", str(TINY), "--out", str(run), "--per-class", "2",
+                 "--classifier-steps", "5"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert {"train_wall_s", "tokenizer_psnr_db", "codebook_usage", "prior_val_nll_bits"} <= set(
-        metrics
-    )
+    assert {"train_wall_s", "tokenizer_psnr_db", "codebook_usage", "prior_val_nll_bits",
+            "sample_class_accuracy"} <= set(metrics)
+    assert 0.0 <= metrics["sample_class_accuracy"] <= 1.0
+    assert metrics["samples_judged"] == 4 * 32
+    assert (run / "classifier.safetensors").is_file()
     with Image.open(run / "samples.png") as im:  # one row of 2 per class
         assert im.size == (2 * 34 + 2, 4 * 34 + 2)
     with Image.open(run / "reconstructions.png") as im:  # inputs above reconstructions

@@ -80,6 +80,9 @@ def normalize_per_image(x: torch.Tensor) -> torch.Tensor:
 class DepthConditioner(SpatialConditioner):
     """Depth maps, normalised per image, through a 1-channel VQGAN."""
 
+    #: the batch key a condition file given to `vqgen sample --cond FILE` fills
+    condition_key = "depth"
+
     class Params(ParamsModel):
         tokenizer: TokenizerSpec = Field(
             default_factory=lambda: MAP_TOKENIZER.model_copy(deep=True),

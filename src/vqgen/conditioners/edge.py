@@ -39,6 +39,9 @@ __all__ = ["EdgeConditioner"]
 class EdgeConditioner(SpatialConditioner):
     """Canny edges of the image (or given edge maps) through a 1-channel VQGAN."""
 
+    #: the batch key a condition file given to `vqgen sample --cond FILE` fills
+    condition_key = "image"
+
     class Params(ParamsModel):
         source: Literal["image", "batch"] = Field(
             "image", description="image: Canny of batch['image']; batch: batch['edges']"

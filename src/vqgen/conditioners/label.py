@@ -30,6 +30,9 @@ NULL_LABEL = -1
 class ClassConditioner(Conditioner):
     """One token per image from its class label (``-1``: the null token)."""
 
+    #: the batch key a condition file given to `vqgen sample --cond FILE` fills
+    condition_key = "label"
+
     class Params(ParamsModel):
         n_classes: int = Field(4, ge=1, description="classes of the data: len(dataset.classes)")
         null_token: bool = Field(

@@ -42,6 +42,9 @@ LOWRES_TOKENIZER = TokenizerSpec(name="vqgan", params={"ch": 32, "n_embed": 256}
 class LowResConditioner(SpatialConditioner):
     """The image downsampled by ``factor`` (anti-aliased), through an RGB VQGAN."""
 
+    #: the batch key a condition file given to `vqgen sample --cond FILE` fills
+    condition_key = "lowres"
+
     class Params(ParamsModel):
         factor: int = Field(8, ge=1, description="downsampling factor of the condition")
         tokenizer: TokenizerSpec = Field(

@@ -110,6 +110,9 @@ def _segment_dist2(
 class PoseConditioner(SpatialConditioner):
     """Keypoints rendered as limbs and joint heat-maps, through a VQGAN."""
 
+    #: the batch key a condition file given to `vqgen sample --cond FILE` fills
+    condition_key = "keypoints"
+
     class Params(ParamsModel):
         skeleton: Skeleton = Field(
             "auto", description="limbs: coco17, shapes, [[i, j], ...], or auto (by K)"

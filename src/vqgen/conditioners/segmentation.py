@@ -44,6 +44,9 @@ SEGMENTATION_TOKENIZER = TokenizerSpec(
 class SegmentationConditioner(SpatialConditioner):
     """Label maps → tokens, by a segmentation VQGAN or by majority-vote downsampling."""
 
+    #: the batch key a condition file given to `vqgen sample --cond FILE` fills
+    condition_key = "segmentation"
+
     class Params(ParamsModel):
         mode: Literal["vqgan", "downsample"] = Field(
             "vqgan", description="vqgan: its own tokenizer; downsample: majority vote"

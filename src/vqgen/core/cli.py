@@ -157,7 +157,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         size = (h, w)
     condition, nrow = None, min(args.n, 8)
     n_classes = getattr(pipe.conditioner, "n_classes", None)
-    if args.class_id is not None:
+    if args.cond:
+        condition = _read_conds(pipe, args.cond)
+    elif args.class_id is not None:
         condition = torch.full((args.n,), args.class_id, dtype=torch.long)
     elif n_classes:  # one row per class
         per = max(1, args.n // n_classes)
@@ -168,58 +170,64 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                         guidance=args.guidance)
     path = save_image_grid(out.images, args.output, nrow=nrow)
     if args.codes:
-        torch.save(out.codes, Path(args.output).with_suffix(".codes.pt"))
+        from vqgen.core.checkpoint import save_tensors
+
+        save_tensors({"codes": out.codes}, Path(args.output).with_suffix(".codes.safetensors"))
+    if args.singles:
+        for i, image in enumerate(out.images):
+            save_image_grid(image[None], Path(args.singles) / f"{i:04d}.png", nrow=1, padding=0)
     note = f" (acceptance {out.acceptance:.3f})" if out.acceptance is not None else ""
     print(f"wrote {n} samples to {path}{note}")
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    import time
+def _read_conds(pipe: Any, specs: Sequence[str]) -> dict[str, Any]:
+    """``--cond [KEY=]FILE`` arguments → a condition batch of one (KEY: the conditioner's)."""
+    from vqgen.core.data import read_condition
 
-    import torch
+    if pipe.conditioner is None:
+        raise VqgenError("--cond: this run has no conditioner, so it takes no condition")
+    default_key = pipe.conditioner.condition_key
+    batch = {}
+    for spec in specs:
+        key, sep, file = spec.partition("=")
+        if not sep:
+            key, file = default_key, spec
+            if key is None:
+                raise VqgenError(f"--cond {spec}: {type(pipe.conditioner).__name__} names no "
+                                 "batch key for condition files; write --cond KEY=FILE")
+        batch[key] = read_condition(key, file)
+    return batch
 
-    from vqgen.core.data import save_image_grid
+
+def _cmd_eval(args: argparse.Namespace) -> int:
     from vqgen.core.io import atomic_write_text
-    from vqgen.core.runs import load_run, train
+    from vqgen.evaluation import evaluate_run
 
-    out = Path(args.out)
-    t0 = time.time()
-    train(args.config, out, resume=True)
-    train_s = time.time() - t0
-    pipe = load_run(out)
-    n_classes = int(getattr(pipe.conditioner, "n_classes", 1))
-    labels = torch.arange(n_classes).repeat_interleave(args.per_class)
-    gen = pipe.generate(len(labels), labels if pipe.conditioner else None, seed=0)
-    samples = save_image_grid(gen.images, out / "samples.png", nrow=args.per_class)
+    out = evaluate_run(args.run_dir, n=args.n, per_class=args.per_class,
+                       classifier=args.classifier, fid_samples=args.fid, seed=args.seed)
+    text = json.dumps(out, indent=2) + "\n"
+    path = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
+    atomic_write_text(path, text)
+    print(text, end="")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
 
-    cfg = pipe.config  # type: ignore[attr-defined]
-    from vqgen.core.registry import default_registry
 
-    params = {**cfg.data.params, "split": "val", "length": 256}
-    held = default_registry().create("dataset", cfg.data.name, params)
-    x = torch.stack([held[i]["image"] for i in range(len(held))])  # (256, 3, H, W)
-    with torch.no_grad():
-        recon = pipe.tokenizer.decode(pipe.tokenizer.encode(x)).clamp(-1, 1)
-    mse = ((recon - x) / 2).square().flatten(1).mean(1)  # (N,)
-    psnr = float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
-    recons = save_image_grid(torch.cat([x[:8], recon[:8]]), out / "reconstructions.png", nrow=8)
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    last_prior = next((r for r in reversed(records) if r.get("stage") == "prior"), {})
-    metrics = {
-        "train_wall_s": round(train_s, 1),
-        "tokenizer_psnr_db": round(psnr, 2),
-        "codebook_usage": round(
-            float(torch.unique(pipe.tokenizer.encode(x)).numel()) / pipe.tokenizer.vocab_size, 4
-        ),
-        "prior_val_nll_bits": last_prior.get("val_nll_bits"),
-        "samples": str(samples),
-        "reconstructions": str(recons),
-    }
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    print(json.dumps(metrics, indent=2))
-    print(f"samples: {samples} (one row per class)\nreconstructions: {recons} "
-          f"(held-out inputs above reconstructions)\nmetrics: {out / 'metrics.json'}")
+def _cmd_import_taming(args: argparse.Namespace) -> int:
+    from vqgen.plugins.taming_import import import_taming
+
+    grid = tuple(args.grid) if args.grid else None
+    out = import_taming(args.ckpt, args.config, args.output, grid=grid)
+    print(f"imported {args.ckpt} into {out}; sample with `vqgen sample {out}`")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vqgen.evaluation import run_demo
+
+    run_demo(args.config, args.out, per_class=args.per_class,
+             classifier_steps=args.classifier_steps)
     return 0
 
 
@@ -254,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("config")
     tp.add_argument("--run-dir", help="default: runs/<config name>")
     tp.add_argument("--resume", action="store_true", help="continue unfinished stages")
-    tp.add_argument("--stages", help="comma-separated subset of: tokenizer,prior")
+    tp.add_argument("--stages", help="comma-separated subset of: tokenizer,cond,prior")
     tp.set_defaults(func=_cmd_train)
 
     sp2 = sub.add_parser("sample", help="draw samples from a trained run")
@@ -269,14 +277,44 @@ def build_parser() -> argparse.ArgumentParser:
     sp2.add_argument("--sampler-param", action="append", default=[], metavar="KEY=VALUE")
     sp2.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance")
     sp2.add_argument("--seed", type=int, default=0)
-    sp2.add_argument("--codes", action="store_true", help="also save the codes (.codes.pt)")
+    sp2.add_argument("--cond", action="append", default=[], metavar="[KEY=]FILE",
+                     help="a condition file (map, image, keypoint JSON); KEY defaults to the "
+                     "conditioner's batch key")
+    sp2.add_argument("--codes", action="store_true",
+                     help="also save the codes (<output>.codes.safetensors)")
+    sp2.add_argument("--singles", metavar="DIR", help="also write each image to DIR/NNNN.png")
     sp2.add_argument("-o", "--output", default="samples.png")
     sp2.set_defaults(func=_cmd_sample)
+
+    ep = sub.add_parser("eval", help="evaluate a trained run; JSON out")
+    ep.add_argument("run_dir")
+    ep.add_argument("--n", type=int, default=512, help="held-out images (default 512)")
+    ep.add_argument("--per-class", type=int, default=32, help="samples per class for accuracy")
+    ep.add_argument("--classifier",
+                    help="classifier file (default: RUN_DIR/classifier.safetensors)")
+    ep.add_argument("--fid", type=int, default=0, metavar="N",
+                    help="also FID / IS on N samples (needs the eval extra and its weights)")
+    ep.add_argument("--seed", type=int, default=0)
+    ep.add_argument("-o", "--output", help="JSON file (default: RUN_DIR/eval.json)")
+    ep.set_defaults(func=_cmd_eval)
+
+    ip = sub.add_parser("import", help="convert checkpoints of other projects into runs")
+    isub = ip.add_subparsers(dest="import_command", required=True, metavar="SOURCE")
+    it = isub.add_parser("taming", help="a taming-transformers .ckpt + its YAML config")
+    it.add_argument("ckpt")
+    it.add_argument("--config", required=True, help="the checkpoint's YAML config")
+    it.add_argument("-o", "--output", required=True, help="run directory to create")
+    it.add_argument("--grid", type=int, nargs=2, metavar=("H", "W"),
+                    help="the latent grid the transformer was trained on, where the config "
+                    "does not say")
+    it.set_defaults(func=_cmd_import_taming)
 
     dm = sub.add_parser("demo", help="train the demo config, write samples and metrics")
     dm.add_argument("--config", default="configs/demo.yaml")
     dm.add_argument("--out", default="runs/demo")
-    dm.add_argument("--per-class", type=int, default=8)
+    dm.add_argument("--per-class", type=int, default=8, help="samples shown per class (≤ 32)")
+    dm.add_argument("--classifier-steps", type=int, default=800,
+                    help="training steps of the classifier that judges the samples")
     dm.set_defaults(func=_cmd_demo)
 
     dp0 = sub.add_parser("data", help="write a dataset to disk, or a picture of it")
@@ -318,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except VqgenError as exc:
         print(f"vqgen: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print("vqgen: interrupted", file=sys.stderr)
         return 130

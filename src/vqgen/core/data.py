@@ -66,6 +66,7 @@ from vqgen.core.interfaces import Component, ParamsModel
 from vqgen.core.io import atomic_path
 
 __all__ = [
+    "read_condition",
     "ConditionInputs",
     "CONDITIONS",
     "IMAGE_EXTENSIONS",
@@ -810,3 +811,36 @@ class ConditionInputs(Dataset):
         sample = self.dataset[index]
         batch = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
         return {self.key: self.conditioner.condition_input(batch)[0]}  # (C, H, W)
+
+
+def read_condition(key: str, path: str | os.PathLike[str]) -> torch.Tensor:
+    """A condition file as a batch of one, for the batch key ``key``.
+
+    ``label``: a text file holding a class id → ``[1]``; ``segmentation``: a label
+    map PNG → int64 ``[1, H, W]``; ``depth``: a 8/16-bit PNG or ``.npy`` →
+    ``[1, 1, H, W]`` in ``[0, 1]``; ``keypoints``: JSON (``{"objects": [[[x, y, v],
+    ...]]}``) → ``[1, N, K, 3]``; ``edges``: a grayscale PNG → ``[1, 1, H, W]`` in
+    ``[0, 1]``; anything else (``image``, ``lowres``): an RGB image → ``[1, 3, H, W]``
+    in ``[-1, 1]``. Errors name the file and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VqgenError(f"condition file {path} not found")
+    try:
+        if key == "label":
+            return torch.tensor([int(path.read_text(encoding="utf-8").strip())])
+        if key == "segmentation":
+            return torch.from_numpy(_load_labels(path))[None]  # (1, H, W)
+        if key == "depth":
+            return torch.from_numpy(_load_depth(path))[None, None]  # (1, 1, H, W)
+        if key == "keypoints":
+            return torch.from_numpy(_parse_keypoints(path, 1 << 16))[None]  # (1, N, K, 3)
+        if key == "edges":
+            with Image.open(path) as im:
+                a = np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255)
+            return torch.from_numpy(a)[None, None]  # (1, 1, H, W)
+        return u8_to_image(np.asarray(load_rgb(path)))[None]  # (1, 3, H, W)
+    except VqgenError:
+        raise
+    except (ValueError, OSError) as err:
+        raise VqgenError(f"condition file {path} cannot be read as {key!r}: {err}") from None

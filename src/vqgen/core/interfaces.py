@@ -140,6 +140,8 @@ class Conditioner(Component, nn.Module):
     vocab_size: int
     spatial: ClassVar[bool] = False
     null_id: int | None = None
+    #: the batch key that a condition file (``vqgen sample --cond FILE``) fills, if any
+    condition_key: ClassVar[str | None] = None
 
     @abstractmethod
     def tokens(self, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -9,13 +9,15 @@ Layout of a run directory::
     cond/                a spatial conditioner's own tokenizer (the paper's cond stage)
     tokens/<key>/        the token cache of the trained tokenizer (and conditioner)
     prior/               stage 2: weights.safetensors, meta.json, train_state.pt
-    pipeline.json        what `Pipeline.from_run` needs beyond the config (the grid)
+    pipeline.json        what `Pipeline.from_run` needs beyond the config: the grid, and
+                         optionally cond_offset (0 for taming imports: shared id range)
 
 Stages run in order: tokenizer → cond (only for a conditioner with a tokenizer
 of its own) → token cache → prior. A stage whose ``meta.json`` records the
-configured number of steps is finished and skipped; ``resume=True`` continues an unfinished one from its checkpoint. A
-run directory only ever holds one config: training it with a different one is
-refused, with the differing fields named.
+configured number of steps is finished and skipped; ``resume=True`` continues
+an unfinished one from its checkpoint. A run directory only ever holds one
+config: training it with a different one is refused, with the differing fields
+named.
 """
 
 from __future__ import annotations
@@ -190,8 +192,9 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
         if stage_step(run, stage) is None:
             raise VqgenError(f"{run} has no trained {stage} stage yet; run `vqgen train` first")
     try:
-        grid = tuple(json.loads((run / PIPELINE_FILE).read_text())["grid"])
-    except (OSError, ValueError, KeyError):
+        layout = json.loads((run / PIPELINE_FILE).read_text())
+        grid = tuple(layout["grid"])
+    except (OSError, ValueError, KeyError, TypeError):
         raise VqgenError(f"{run / PIPELINE_FILE} is missing or unreadable") from None
     tokenizer = load_component(run / "tokenizer", registry, map_location)
     prior = load_component(run / "prior", registry, map_location) if config.prior else None
@@ -202,6 +205,7 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
     sampler = (registry.create("sampler", config.sampler.name, config.sampler.params)
                if config.sampler else None)
     pipe = Pipeline(tokenizer, prior, grid=(int(grid[0]), int(grid[1])), ordering=ordering,
-                    sampler=sampler, conditioner=conditioner)
+                    sampler=sampler, conditioner=conditioner,
+                    cond_offset=layout.get("cond_offset"))
     pipe.config = config  # type: ignore[attr-defined]
     return pipe.to(map_location).eval()
