@@ -19,8 +19,10 @@ classifier and the LPIPS network.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -71,7 +73,8 @@ def _lpips() -> tuple[Any, str]:
     from vqgen.plugins.vqgan.losses import load_lpips
 
     try:
-        return load_lpips(True), "VGG16, ImageNet backbone"
+        with contextlib.redirect_stdout(sys.stderr):  # torch.hub's download notes
+            return load_lpips(True), "VGG16, ImageNet backbone"
     except VqgenError:
         return (load_lpips(False), "random VGG16 backbone (the ImageNet weights could not be "
                 "loaded offline): comparable only between runs measured the same way")

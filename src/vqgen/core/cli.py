@@ -125,7 +125,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     train(args.config, run_dir, stages=stages, resume=args.resume, progress=True)
-    print(f"trained {', '.join(stages)} into {run_dir}")
+    done = [s for s in stages if (run_dir / s / "meta.json").is_file()]
+    print(f"trained {', '.join(done) or 'nothing'} into {run_dir}")
     return 0
 
 
@@ -165,7 +166,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         per = max(1, args.n // n_classes)
         condition = torch.arange(n_classes).repeat_interleave(per)
         nrow = per
-    n = len(condition) if condition is not None else args.n
+    n = len(condition) if isinstance(condition, torch.Tensor) else args.n
     out = pipe.generate(n, condition, size=size, sampler=sampler, seed=args.seed,
                         guidance=args.guidance)
     path = save_image_grid(out.images, args.output, nrow=nrow)

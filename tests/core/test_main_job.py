@@ -1,0 +1,379 @@
+"""The main job's reliability: eval, signals, kept checkpoints, bad input, torchrun/DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import vqgen
+from vqgen.core import training
+from vqgen.core.checkpoint import load_component
+from vqgen.core.cli import main
+from vqgen.core.config import parse_config
+from vqgen.core.runs import stage_step
+from vqgen.core.training import TrainingInterrupted, train_prior, train_tokenizer
+from vqgen.evaluation import psnr, ssim
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny(**train: Any) -> dict[str, Any]:
+    """The tiny config as a dict (a smaller VQGAN), with ``train`` overrides per stage."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["tokenizer"]["params"].update(ch=16, norm_groups=8)
+    for stage, values in train.items():
+        cfg["train"].setdefault(stage, {}).update(values)
+    return cfg
+
+
+def write_config(path: Path, cfg: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("main") / "tiny"
+    assert main(["train", str(TINY), "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+# -----------------------------------------------------------------------------
+# eval
+
+
+def test_psnr_and_ssim_exact_values() -> None:
+    x = torch.zeros(2, 3, 16, 16)
+    assert torch.allclose(psnr(x + 0.2, x), torch.full((2,), 20.0))  # mse (0.1)² → 20 dB
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    noisy = x + 0.5 * torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert float(ssim(noisy, x).max()) < 0.5
+
+
+def test_eval_reports_tokenizer_prior_and_samples(run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from vqgen.plugins.classifier import save_classifier, train_classifier
+    from vqgen.plugins.shapes import ShapesDataset
+
+    clf = tmp_path / "clf.safetensors"
+    save_classifier(train_classifier(ShapesDataset(resolution=32, length=64), steps=3,
+                                     progress=False), clf)
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--n", "32", "--per-class", "3", "--classifier", str(clf),
+                 "--fid", "4", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    tok = report["tokenizer"]
+    assert 0 < tok["codebook_usage"] <= 1 and 1 <= tok["perplexity"] <= 32
+    assert tok["psnr_db"] > 0 and -1 <= tok["ssim"] <= 1 and tok["lpips"] >= 0
+    assert "backbone" in tok["lpips_backbone"]
+    prior = report["prior"]
+    assert prior["val_nll_bits"] == pytest.approx(prior["val_nll_nats"] / math.log(2), abs=1e-4)
+    assert report["samples"]["n_samples"] == 12 and len(report["samples"]["per_class"]) == 4
+    assert 0 <= report["samples"]["class_accuracy"] <= 1
+    fid = report["fid_is"]
+    assert "fid" in fid or fid["fid_is"].startswith("skipped: torch-fidelity")
+
+
+def test_eval_without_classifier_says_how_to_get_one(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(run), "--n", "16", "-o", str(out)]) == 0
+    samples = json.loads(out.read_text())["samples"]
+    assert samples["class_accuracy"] is None and "vqgen.plugins.classifier" in samples["note"]
+
+
+# -----------------------------------------------------------------------------
+# signals
+
+
+def _signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
+    """Deliver ``signum`` to this process while the loop checks step ``step``."""
+    original = training.check_finite
+
+    def check(s: int, terms: Any) -> None:
+        original(s, terms)
+        if s == step:
+            signal.raise_signal(signum)
+
+    monkeypatch.setattr(training, "check_finite", check)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_finishes_the_step_checkpoints_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    cfg = parse_config(tiny(tokenizer={"steps": 6}))
+    straight = train_tokenizer(cfg, tmp_path / "straight", progress=False)
+    with monkeypatch.context() as m:
+        _signal_at(m, 2, signum)
+        with pytest.raises(TrainingInterrupted, match="--resume") as info:
+            train_tokenizer(cfg, tmp_path / "cut", progress=False)
+    assert info.value.exit_code == 128 + signum
+    assert stage_step(tmp_path / "cut", "tokenizer") == 3  # step 2 (0-based) was finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = train_tokenizer(cfg, tmp_path / "cut", progress=False, resume=True)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_prior_signal_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_config(tiny(prior={"steps": 5, "cond_dropout": 0.5}))
+    tok = train_tokenizer(cfg, progress=False)
+    cond = vqgen.create("conditioner", "class", {"n_classes": 4})
+    straight = train_prior(cfg, tok, cond, tmp_path / "a", progress=False).prior
+    with monkeypatch.context() as m:
+        _signal_at(m, 1, signal.SIGTERM)
+        with pytest.raises(TrainingInterrupted):
+            train_prior(cfg, tok, cond, tmp_path / "b", progress=False)
+    # the flag is read with the step's loss all-reduce, so the next step still runs
+    assert stage_step(tmp_path / "b", "prior") == 3
+    resumed = train_prior(cfg, tok, cond, tmp_path / "b", progress=False, resume=True).prior
+    for k, v in straight.state_dict().items():  # incl. the condition-dropout draws
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_sigterm_from_outside_stops_the_cli_with_a_resume_hint(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "long.yaml", tiny(tokenizer={"steps": 100000, "log_every": 1}))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vqgen", "train", str(cfg), "--run-dir", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file()
+                                      or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err and "Traceback" not in err
+    step = stage_step(run, "tokenizer")
+    assert step is not None and step >= 2
+    assert load_component(run / "tokenizer") is not None
+
+
+# -----------------------------------------------------------------------------
+# kept checkpoints
+
+
+def test_keeps_the_last_k_and_the_best(tmp_path: Path) -> None:
+    cfg = parse_config(tiny(tokenizer={"steps": 2},
+                            prior={"steps": 5, "checkpoint_every": 1, "keep_last": 2}))
+    pipe = vqgen.train(cfg, tmp_path / "run", progress=False)
+    assert pipe is not None
+    prior_dir = tmp_path / "run" / "prior"
+    assert sorted(p.name for p in (prior_dir / "history").iterdir()) == [
+        "step_000004", "step_000005"
+    ]
+    vals = {}
+    for step in (4, 5):
+        meta = json.loads((prior_dir / "history" / f"step_{step:06d}" / "meta.json").read_text())
+        assert meta["step"] == step
+        vals[step] = meta["metrics"]["val_nll_nats"]
+    best = json.loads((prior_dir / "best" / "best.json").read_text())
+    assert best["val_loss"] <= min(vals.values()) + 1e-9
+    best_meta = json.loads((prior_dir / "best" / "meta.json").read_text())
+    assert best_meta["step"] == best["step"]
+    assert best_meta["metrics"]["val_nll_nats"] == pytest.approx(best["val_loss"])
+    assert load_component(prior_dir / "best") is not None
+    latest = load_file(str(prior_dir / "weights.safetensors"))
+    kept = load_file(str(prior_dir / "history" / "step_000005" / "weights.safetensors"))
+    assert all(torch.equal(latest[k], kept[k]) for k in latest)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def _err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_empty_and_unreadable_data(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    def cfg_for(root: Path) -> Path:
+        cfg = tiny()
+        cfg["data"] = {"name": "folder", "params": {"root": str(root), "resolution": 32}}
+        cfg.pop("conditioner")
+        cfg["prior"]["params"]["cond_vocab_size"] = 0
+        return write_config(tmp_path / f"{root.name}.yaml", cfg)
+
+    assert main(["train", str(cfg_for(tmp_path / "absent")), "--run-dir",
+                 str(tmp_path / "r1")]) == 2
+    assert "absent" in _err(capsys)
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    assert main(["train", str(cfg_for(tmp_path / "empty")), "--run-dir",
+                 str(tmp_path / "r2")]) == 2
+    assert "empty" in _err(capsys)
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    (bad / "images" / "broken.png").write_bytes(b"not a png at all")
+    assert main(["train", str(cfg_for(bad)), "--run-dir", str(tmp_path / "r3")]) == 2
+    assert "broken.png" in _err(capsys)
+
+
+def test_damaged_checkpoints_are_named_and_left_alone(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    weights = cut / "prior" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(["sample", str(cut), "-o", str(tmp_path / "x.png")]) == 2
+    assert "weights.safetensors" in _err(capsys)
+    assert len(weights.read_bytes()) == 100
+
+    alien = tmp_path / "alien"
+    shutil.copytree(run, alien)
+    (alien / "tokenizer" / "meta.json").write_text(json.dumps({"step": 1}))
+    assert main(["sample", str(alien)]) == 2
+    assert "not a vqgen checkpoint" in _err(capsys)
+
+    # a train state that is not ours: resume refuses it, naming the file
+    pickled = tmp_path / "pickled"
+    shutil.copytree(run, pickled)
+    cfg = yaml.safe_load((pickled / "config.yaml").read_text())
+    (pickled / "prior" / "meta.json").write_text(
+        (pickled / "prior" / "meta.json").read_text().replace('"step": 4', '"step": 2'))
+    torch.save({"step": 2, "obj": _Alien()}, pickled / "prior" / "train_state.pt")
+    before = (pickled / "prior" / "weights.safetensors").read_bytes()
+    assert main(["train", str(write_config(tmp_path / "c.yaml", cfg)), "--run-dir",
+                 str(pickled), "--resume"]) == 2
+    err = _err(capsys)
+    assert "train_state.pt" in err and "not ours" in err
+    assert (pickled / "prior" / "weights.safetensors").read_bytes() == before
+
+
+class _Alien:
+    """Something only pickle can store."""
+
+
+# -----------------------------------------------------------------------------
+# a cond stage from a config
+
+
+def test_spatial_conditioner_trains_its_cond_stage_from_the_config(tmp_path: Path) -> None:
+    cfg = tiny(tokenizer={"steps": 2}, cond={"steps": 3, "batch_size": 8, "lr": 1e-3,
+                                             "device": "cpu", "image_every": 0},
+               prior={"steps": 2})
+    cfg["conditioner"] = {"name": "depth", "params": {"tokenizer": {"name": "vqgan", "params": {
+        "in_channels": 1, "ch": 16, "ch_mult": [1, 2, 2], "n_embed": 16, "embed_dim": 8,
+        "z_channels": 8, "norm_groups": 4, "perceptual_weight": 0, "disc_weight": 0,
+        "kmeans_init": False}}}}
+    cfg["prior"]["params"].update(cond_vocab_size=17, block_size=128)
+    path = write_config(tmp_path / "depth.yaml", cfg)
+    run = tmp_path / "run"
+    assert main(["train", str(path), "--run-dir", str(run)]) == 0
+    assert stage_step(run, "cond") == 3
+    records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"tokenizer", "cond", "prior"}
+    pipe = vqgen.load_run(run)
+    trained = load_file(str(run / "cond" / "weights.safetensors"))
+    own = pipe.conditioner.tokenizer.state_dict()
+    assert all(torch.equal(trained[k], own[k]) for k in trained)
+    depth = torch.rand(1, 1, 32, 32)
+    gen = pipe.generate(2, {"depth": depth}, seed=0)
+    assert gen.images.shape == (2, 3, 32, 32)
+    from PIL import Image
+
+    Image.fromarray((depth[0, 0].numpy() * 255).astype("uint8")).save(tmp_path / "d.png")
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), "--n", "2", "--cond", str(tmp_path / "d.png"),
+                 "-o", str(out), "--singles", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["0000.png", "0001.png"]
+
+
+# -----------------------------------------------------------------------------
+# torchrun / DDP on the CPU (gloo)
+
+_DDP_SCRIPT = textwrap.dedent('''
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    import vqgen
+    from vqgen.core.config import parse_config
+    from vqgen.core.training import train_prior, train_tokenizer
+
+    cfg, out = vqgen.load_config(sys.argv[1]), sys.argv[2]
+    rank = int(os.environ.get("RANK", "0"))
+    tok = train_tokenizer(cfg, progress=False)
+    cond = vqgen.create("conditioner", "class", {"n_classes": 4})
+    pipe = train_prior(cfg, tok, cond, progress=False, cache_root=out + f"/cache{rank}")
+    save_file({k: v.contiguous() for k, v in tok.state_dict().items()},
+              f"{out}/tok{rank}.safetensors")
+    save_file({k: v.contiguous() for k, v in pipe.prior.state_dict().items()},
+              f"{out}/prior{rank}.safetensors")
+''')
+
+
+def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    common = {"lr": 1e-3, "device": "cpu", "log_every": 1, "image_every": 0}
+    per_rank = tiny(tokenizer={**common, "steps": 3, "batch_size": 4},
+                    prior={**common, "steps": 3, "batch_size": 4, "cond_dropout": 0.3})
+    per_rank["conditioner"]["params"]["null_token"] = True
+    single = json.loads(json.dumps(per_rank))
+    single["train"]["tokenizer"]["batch_size"] = 8
+    single["train"]["prior"]["batch_size"] = 8
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(write_config(tmp_path / "two.yaml", per_rank)), str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, str(script), str(write_config(tmp_path / "one.yaml", single)),
+         str(tmp_path / "one")], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    for name in ("tok", "prior"):
+        r0 = load_file(str(tmp_path / "two" / f"{name}0.safetensors"))
+        r1 = load_file(str(tmp_path / "two" / f"{name}1.safetensors"))
+        ref = load_file(str(tmp_path / "one" / f"{name}0.safetensors"))
+        for k in ref:
+            assert torch.equal(r0[k], r1[k]), (name, k)  # ranks agree exactly
+            torch.testing.assert_close(r0[k], ref[k], atol=2e-5, rtol=1e-4, msg=f"{name} {k}")
+
+
+def test_torchrun_cli_trains_a_run_that_samples(tmp_path: Path) -> None:
+    common = {"device": "cpu", "log_every": 1, "image_every": 0}
+    cfg = write_config(tmp_path / "c.yaml", tiny(tokenizer={**common, "steps": 2, "batch_size": 4},
+                                                 prior={**common, "steps": 2, "batch_size": 4}))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "vqgen", "train", str(cfg), "--run-dir", str(run)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained tokenizer, prior") == 2  # both ranks finish
+    records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "prior"] == [1, 2]  # rank 0 alone logs
+    pipe = vqgen.load_run(run)
+    assert pipe.generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)
