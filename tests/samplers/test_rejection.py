@@ -304,3 +304,38 @@ def test_draw_returning_the_wrong_batch_is_refused():
     s = make(batch_size=4).set_classifier(Recognizer())
     with pytest.raises(ValueError, match="draw returned images"):
         rejection_sample(lambda idx: torch.zeros(1, 3, 8, 8), torch.tensor([0]), s)
+
+
+# -- end to end through Pipeline.generate --------------------------------------
+
+
+class CodeClassRecognizer(nn.Module):
+    """For the stub tokenizer's grey images: class = code // 4 (16 codes, 4 classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        code = torch.round((x.mean(dim=(1, 2, 3)) + 1) / 2 * 15).long()  # (B,)
+        return 5.0 * nn.functional.one_hot(code // 4, N_CLASSES).float() + self.dummy
+
+
+def test_pipeline_generate_with_rejection_keeps_the_requested_classes():
+    from vqgen_test_stubs import StubConditioner, StubPrior, StubTokenizer
+
+    pipe = vqgen.Pipeline(StubTokenizer(n_embed=16, downsample=8), StubPrior(vocab_size=16),
+                          grid=(1, 1), conditioner=StubConditioner(n_classes=4))
+    sampler = make(acceptance_rate=0.05, batch_size=16,
+                   inner={"name": "temperature", "params": {}}).set_classifier(
+        CodeClassRecognizer())
+    labels = torch.tensor([2, 2, 2, 0, 0, 3])
+    out = pipe.generate(6, labels, sampler=sampler, seed=0)
+    assert out.images.shape == (6, 3, 8, 8) and out.codes.shape == (6, 1, 1)
+    assert torch.equal(out.codes[:, 0, 0] // 4, labels)  # each sample its own label's class
+    assert out.acceptance == pytest.approx(0.05, abs=0.01)
+    again = pipe.generate(6, labels, sampler=sampler, seed=0)
+    assert torch.equal(again.codes, out.codes)  # reproducible from the seed
+    with pytest.raises(VqgenError, match="class condition"):
+        vqgen.Pipeline(StubTokenizer(n_embed=16, downsample=8), StubPrior(vocab_size=16),
+                       grid=(1, 1)).generate(2, sampler=sampler, seed=0)
