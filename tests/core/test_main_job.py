@@ -377,3 +377,17 @@ def test_torchrun_cli_trains_a_run_that_samples(tmp_path: Path) -> None:
     assert [r["step"] for r in records if r["stage"] == "prior"] == [1, 2]  # rank 0 alone logs
     pipe = vqgen.load_run(run)
     assert pipe.generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_both_stages_train_under_autocast_on_cuda(tmp_path: Path, amp: str) -> None:
+    common = {"device": "cuda", "amp": amp, "log_every": 1, "image_every": 0}
+    cfg = tiny(tokenizer={**common, "steps": 3}, prior={**common, "steps": 3})
+    cfg["tokenizer"]["params"].update(disc_weight=0.1, disc_start=1, disc_n_layers=1)
+    pipe = vqgen.train(parse_config(cfg), tmp_path / "run", progress=False)
+    assert pipe is not None
+    records = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r.get("loss", r.get("nll_nats", 0.0))) for r in records)
+    assert pipe.to("cuda").generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)

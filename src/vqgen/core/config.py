@@ -125,7 +125,7 @@ class StageTrainConfig(_Strict):
         0.0, ge=0.0, lt=1.0, description="probability of training a sample unconditionally"
     )
     amp: Literal["bf16", "fp16", "none"] = Field(
-        "bf16", description="autocast dtype on CUDA (fp16 adds a grad scaler); CPU: none"
+        "bf16", description="CUDA autocast dtype, both stages (fp16 adds a grad scaler)"
     )
     compile: bool = Field(False, description="torch.compile the prior on CUDA")
     keep_last: int = Field(

@@ -678,6 +678,14 @@ def _gan_loop(run: _Stage1, resume: bool, stop: StopSignals) -> None:
         torch.manual_seed(cfg.seed * 1_000_003 + info.rank + start)
     tok.train()
     loss_fn.train()
+    cuda = run.device.type == "cuda"
+    amp = cuda and cfg.amp != "none"
+    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.amp == "fp16")
+    if cuda:  # convolutions run faster channels-last
+        tok.to(memory_format=torch.channels_last)
+        if disc is not None:
+            disc.to(memory_format=torch.channels_last)
     model = _wrap_ddp(tok, info, run.device)
     log.info("training %s at lr %.3g (betas %s) for %d steps", run.stage, lr, betas, cfg.steps)
 
@@ -696,25 +704,30 @@ def _gan_loop(run: _Stage1, resume: bool, stop: StopSignals) -> None:
         restarted = 0.0
         for micro in range(cfg.grad_accum):
             x = run.input_of(next(batches))
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
             last = micro == cfg.grad_accum - 1
             sync = model.no_sync() if info.world > 1 and not last else contextlib.nullcontext()
-            with sync:  # type: ignore[attr-defined]
+            autocast = torch.autocast(run.device.type, dtype=amp_dtype, enabled=amp)
+            with sync, autocast:  # type: ignore[attr-defined]
                 out = model(x)
                 g_loss, logs = loss_fn.generator_loss(x, out, step, tok.last_layer)
                 check_finite(step, logs)
-                (g_loss / cfg.grad_accum).backward()
+            scaler.scale(g_loss / cfg.grad_accum).backward()
             if d_on:
-                d_loss, d_logs = loss_fn.discriminator_loss(x, out.recon, step)
+                with autocast:
+                    d_loss, d_logs = loss_fn.discriminator_loss(x, out.recon, step)
                 check_finite(step, d_logs)
-                (d_loss / cfg.grad_accum).backward()
+                scaler.scale(d_loss / cfg.grad_accum).backward()
                 logs.update(d_logs)
             restarted += float(out.restarted)
             logs.update(usage=out.usage, perplexity=out.perplexity, restarted=out.restarted)
             avg.add(logs)
-        opt_g.step()
+        scaler.step(opt_g)
         if d_on and opt_d is not None and disc is not None:
             _average_grads(info, disc)
-            opt_d.step()
+            scaler.step(opt_d)
+        scaler.update()
         stopping, restarted = _all_max(info, [float(stop.requested), restarted], run.device)
         if restarted > 0:  # the codebook was re-seeded from each rank's own batch
             _broadcast_params(info, tok)
