@@ -239,3 +239,14 @@ def test_overfits_a_tiny_batch() -> None:
         loss.backward()
         opt.step()
     assert float(loss.detach()) < 0.2 * first, (first, float(loss.detach()))
+
+
+def test_generate_runs_without_gradients() -> None:
+    import vqgen
+
+    gpt = vqgen.create("prior", "gpt", {"vocab_size": 8, "block_size": 8, "n_layer": 1,
+                                        "n_head": 1, "n_embd": 8})
+    gpt.train()
+    codes = gpt.generate(None, 4, batch_size=2)
+    assert codes.shape == (2, 4) and not codes.requires_grad
+    assert gpt.training  # the mode is restored

@@ -252,6 +252,7 @@ class Prior(Component, nn.Module):
 
 
     @torch.no_grad()
+    @torch.no_grad()
     def generate(
         self,
         cond: torch.Tensor | None,
@@ -260,8 +261,8 @@ class Prior(Component, nn.Module):
         sample_fn: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample ``[B, length]`` image codes with ``start``/``step`` (in eval mode; the
-        mode is restored). ``sample_fn(logits [B, V], generator) -> [B]`` picks each
+        """Sample ``[B, length]`` image codes with ``start``/``step`` (in eval mode, without
+        gradients; the mode is restored). ``sample_fn(logits [B, V], generator) -> [B]`` picks each
         token (e.g. a ``vqgen.Sampler``'s ``sample``); the default draws from the softmax.
         """
         b = batch_size if batch_size is not None else (cond.shape[0] if cond is not None else 1)
