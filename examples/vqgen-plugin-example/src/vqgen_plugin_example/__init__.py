@@ -26,6 +26,8 @@ class Snake(vqgen.Ordering):
 class Brightness(vqgen.Conditioner):
     """One token per image: its mean brightness, quantised into ``n_bins`` bins."""
 
+    condition_key = "image"  # what `vqgen sample --cond FILE` fills
+
     class Params(vqgen.ParamsModel):
         n_bins: int = Field(8, ge=2, le=256, description="number of brightness bins")
 
