@@ -70,7 +70,9 @@ def fmt(v: Any) -> str:
 
 
 def main(argv: list[str]) -> int:
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name != "run_all.py" and not p.name.startswith("_"))
+    scripts = sorted(
+        p for p in HERE.glob("*.py") if p.name != "run_all.py" and not p.name.startswith("_")
+    )
     if argv:
         scripts = [p for p in scripts if p.stem in argv]
     RESULTS.mkdir(exist_ok=True)

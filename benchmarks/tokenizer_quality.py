@@ -59,15 +59,20 @@ VQGAN_PARAMS: dict[str, Any] = {
     "codebook_dim": 8,
     "perceptual_weight": 0.0,  # offline the LPIPS backbone would be random: no help to PSNR
     "pretrained_backbone": False,
-    "disc_start": 1600,  # a short adversarial phase at the end
+    "disc_start": 3000,  # a short adversarial phase at the end
     "disc_weight": 0.1,
     "disc_n_layers": 2,
     "disc_ch": 32,
 }
 PLAIN_QUANTIZER = {"codebook_dim": 0, "l2_normalize": False, "kmeans_init": False,
                    "restart_after": 0}
+#: lr 3e-4, not 1e-3: with Adam betas (0.5, 0.9) the taming encoder/decoder at 1e-3 sits on a
+#: ~16 dB plateau (mean colours) even without a quantizer (unquantized: 16.1 dB at 600 steps
+#: vs 20.7 dB at 3e-4). Batch 8: more updates per CPU second, which wins in this short budget
+#: (quantized, 3e-4: 20.6 dB after 1500 steps of 8 vs 20.2 dB after 900 steps of 16, in
+#: about the same time). Betas (0.9, 0.99) were worse (15.5 vs 17.4 dB at 600 steps).
 VQGAN_TRAIN: dict[str, Any] = {
-    "steps": 2000, "batch_size": 16, "lr": 1e-3, "log_every": 100, "image_every": 0,
+    "steps": 3200, "batch_size": 8, "lr": 3e-4, "log_every": 100, "image_every": 0,
 }
 KMEANS_PARAMS: dict[str, Any] = {"n_embed": 512, "sample_pixels": 16384}
 #: A larger palette, for reference: the K = 512 target is out of reach on this data (see
@@ -76,6 +81,27 @@ KMEANS_1024_PARAMS: dict[str, Any] = {"n_embed": 1024, "sample_pixels": 16384}
 KMEANS_TRAIN: dict[str, Any] = {"steps": 200, "batch_size": 32, "log_every": 50,
                                 "image_every": 0}
 
+
+#: Context for the targets, measured separately on the same data (see the closing note of
+#: the change that added this benchmark).
+NOTES = {
+    "kmeans_f1": (
+        "shapes colours are uniform in the RGB cube, so a global palette of K = 512 leaves "
+        "~8 levels per channel (RMS error ~0.036, 28.85 dB). Measured on these 512 held-out "
+        "images: the 8x8x8 lattice palette 28.95 dB, Lloyd k-means (30 iterations) on 200k "
+        "training pixels 28.37 dB; only a palette fitted to the held-out pixels themselves "
+        "(not a valid tokenizer) passes 30 dB (31.8). PSNR >= 30 dB needs a larger palette "
+        "(K = 1024 shown)"
+    ),
+    "vqgan_f4": (
+        "references on the same held-out images: unquantized 4x4 patch means give 24.1 dB "
+        "(25.2 dB bilinear), k-means on 4x4 patches with 512 codes 22.8 dB. The taming "
+        "encoder/decoder (GroupNorm everywhere) learns the absolute colour of flat regions "
+        "slowly: it sits on a ~16 dB plateau until a seed-dependent breakout (one run: "
+        "21.1 dB at 2000 steps, 22.8 dB at 2500; another still 16.5 dB at 3000), and the "
+        "10-minute CPU budget allows ~2400 steps per variant"
+    ),
+}
 
 
 def registry() -> vqgen.Registry:
@@ -200,7 +226,7 @@ def main() -> None:
         "kmeans_f1": run_variant(reg, "kmeans", KMEANS_PARAMS,
                                  scaled(KMEANS_TRAIN, args.scale), x, lpips),
         "kmeans_f1_K1024": run_variant(reg, "kmeans", KMEANS_1024_PARAMS,
-                                       scaled(KMEANS_TRAIN, args.scale), x, lpips),
+                                       scaled(KMEANS_TRAIN, args.scale / 2), x, lpips),
     }
     d, p, k = (variants[n] for n in list(variants)[:3])
     targets = {
@@ -216,6 +242,7 @@ def main() -> None:
         "variants": variants,
         "targets": targets,
         "all_targets_met": all(targets.values()),
+        "notes": NOTES,
         "total_s": round(time.perf_counter() - t0, 1),
         "scale": args.scale,
         "env": {
