@@ -6,6 +6,10 @@ Markdown table of every scalar figure to ``benchmarks/results/SUMMARY.md``.
 
     python benchmarks/run_all.py              # all scripts
     python benchmarks/run_all.py prior cuda   # some
+    python benchmarks/run_all.py --summary    # only rebuild SUMMARY.md from results/*.json
+
+SUMMARY.md starts with one table of headline figures (``HEADLINES``: a label and
+a dotted path into each script's JSON), then every scalar of every result.
 """
 
 from __future__ import annotations
@@ -63,6 +67,75 @@ def describe_machine() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
+_VQ = "variants.vqgan_f4_default_quantizer"
+_PLAIN = "variants.vqgan_f4_plain_quantizer"
+
+#: per script: (label, dotted path into its JSON) of the figures worth a glance
+HEADLINES: dict[str, list[tuple[str, str]]] = {
+    "tokenizer_quality": [
+        ("VQGAN f=4 PSNR, default quantizer (dB)", f"{_VQ}.psnr_db"),
+        ("VQGAN f=4 codebook usage, default quantizer", f"{_VQ}.codebook_usage"),
+        ("VQGAN f=4 codebook usage, plain quantizer", f"{_PLAIN}.codebook_usage"),
+        ("k-means f=1 PSNR, K=512 (dB)", "variants.kmeans_f1.psnr_db"),
+        ("k-means f=1 PSNR, K=1024 (dB)", "variants.kmeans_f1_K1024.psnr_db"),
+        ("VQGAN encode (images/s)", f"{_VQ}.encode_images_per_s"),
+    ],
+    "prior": [
+        ("GPT training, sdpa (tokens/s)", "training.gpt_sdpa.tokens_per_s"),
+        ("GPT training, math (tokens/s)", "training.gpt_math.tokens_per_s"),
+        ("PixelSNAIL training, matched size (tokens/s)", "training.pixelsnail.tokens_per_s"),
+        ("KV-cache sampling speed-up", "sampling.speedup"),
+        ("token-cache stage-2 step speed-up (taming f=4)", "stage2_token_cache.taming_f4.speedup"),
+    ],
+    "gpt_vs_pixelsnail": [
+        ("GPT held-out NLL, eq. steps (bits/token)", "equal_steps.gpt.val_nll_bits"),
+        ("PixelSNAIL held-out NLL, eq. steps (bits/token)", "equal_steps.pixelsnail.val_nll_bits"),
+        ("GPT held-out NLL, equal time (bits/token)", "equal_time.gpt.val_nll_bits"),
+        ("PixelSNAIL held-out NLL, equal time (bits/token)", "equal_time.pixelsnail.val_nll_bits"),
+    ],
+    "orderings": [
+        (f"{o} held-out NLL (nats/token; paper {paper})", f"orderings.{o}.val_nll_nats")
+        for o, paper in (("row_major", 4.767), ("spiral_out", 4.889), ("z_curve", 4.810),
+                         ("subsample", 5.015), ("alternate", 4.812), ("spiral_in", 4.901))
+    ],
+    "sampling": [
+        ("sliding window, 16x16 latents (ms/token)", "sliding.16x16.ms_per_token"),
+        ("sliding window, 32x64 latents (ms/token)", "sliding.32x64.ms_per_token"),
+        ("per-token cost max/min", "ratio_max_min"),
+    ],
+    "conditioning": [],
+    "cuda": [],
+}
+
+
+def get(obj: Any, path: str) -> Any:
+    """``obj`` at dotted ``path``, or None."""
+    for part in path.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def summarize(results: dict[str, dict[str, Any]], machine: str) -> str:
+    """SUMMARY.md: the headline table, then every scalar per script."""
+    when = time.strftime("%Y-%m-%d %H:%M")
+    lines = [f"# Benchmarks\n\nMachine: {machine}; written {when}.\n",
+             "| benchmark | figure | value |", "| --- | --- | --- |"]
+    for name, result in results.items():
+        rows = [(label, get(result, path)) for label, path in HEADLINES.get(name, [])]
+        if result.get("skipped"):
+            rows = [("skipped", result.get("reason", ""))]
+        for key in ("all_targets_met",):
+            if key in result:
+                rows.append(("all targets met", result[key]))
+        lines += [f"| {name} | {label} | {fmt(v)} |" for label, v in rows if v is not None]
+    for name, result in results.items():
+        lines.append(f"\n## {name}\n\n| figure | value |\n| --- | --- |")
+        lines += [f"| {k} | {fmt(v)} |" for k, v in flatten(result).items()]
+    return "\n".join(lines) + "\n"
+
+
 def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -70,6 +143,8 @@ def fmt(v: Any) -> str:
 
 
 def main(argv: list[str]) -> int:
+    summary_only = "--summary" in argv
+    argv = [a for a in argv if a != "--summary"]
     scripts = sorted(
         p for p in HERE.glob("*.py") if p.name != "run_all.py" and not p.name.startswith("_")
     )
@@ -77,9 +152,8 @@ def main(argv: list[str]) -> int:
         scripts = [p for p in scripts if p.stem in argv]
     RESULTS.mkdir(exist_ok=True)
     machine = describe_machine()
-    summary = [f"# Benchmarks\n\nMachine: {machine}; run {time.strftime('%Y-%m-%d %H:%M')}.\n"]
     status = 0
-    for script in scripts:
+    for script in [] if summary_only else scripts:
         print(f"== {script.name}", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
@@ -92,9 +166,12 @@ def main(argv: list[str]) -> int:
         result.setdefault("wall_s", round(wall, 1))
         (RESULTS / f"{script.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result))
-        summary.append(f"\n## {script.stem}\n\n| figure | value |\n| --- | --- |")
-        summary += [f"| {k} | {fmt(v)} |" for k, v in flatten(result).items()]
-    (RESULTS / "SUMMARY.md").write_text("\n".join(summary) + "\n")
+    results = {}
+    for script in scripts:
+        path = RESULTS / f"{script.stem}.json"
+        if path.is_file():
+            results[script.stem] = json.loads(path.read_text())
+    (RESULTS / "SUMMARY.md").write_text(summarize(results, machine))
     print(f"wrote {RESULTS / 'SUMMARY.md'}")
     return status
 
