@@ -136,6 +136,22 @@ def summarize(results: dict[str, dict[str, Any]], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def update_readme(summary: str) -> None:
+    """Put the headline table (with its machine line) between README's bench-table markers."""
+    readme = HERE.parent / "README.md"
+    start, end = "<!-- bench-table -->", "<!-- /bench-table -->"
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if start not in text or end not in text:
+        return
+    head = summary.split("\n## ")[0].splitlines()
+    machine = next((line for line in head if line.startswith("Machine:")), "")
+    table = "\n".join(line for line in head if line.startswith("|"))
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    readme.write_text(f"{before}{start}\n{machine}\n\n{table}\n{end}{after}", encoding="utf-8")
+    print(f"updated the table in {readme}")
+
+
 def fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -171,8 +187,10 @@ def main(argv: list[str]) -> int:
         path = RESULTS / f"{script.stem}.json"
         if path.is_file():
             results[script.stem] = json.loads(path.read_text())
-    (RESULTS / "SUMMARY.md").write_text(summarize(results, machine))
+    text = summarize(results, machine)
+    (RESULTS / "SUMMARY.md").write_text(text)
     print(f"wrote {RESULTS / 'SUMMARY.md'}")
+    update_readme(text)
     return status
 
 
