@@ -123,6 +123,21 @@ def test_sliding_and_cached_paths_agree_on_the_training_grid() -> None:
     assert torch.equal(cached, sliding)
 
 
+def test_sliding_window_prefix_feeding_equals_the_full_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    gpt = vqgen.create(
+        "prior", "gpt", {"vocab_size": V, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    ).eval()
+    pipe = Pipeline(StubTokenizer(), gpt, grid=(4, 4), sampler=vqgen.create("sampler", "top_k"))
+    assert type(gpt).prefix_logits
+    short = pipe.generate(2, size=(24, 20), seed=3).codes  # 6x5 latents: sliding window
+    monkeypatch.setattr(type(gpt), "prefix_logits", False)
+    full = pipe.generate(2, size=(24, 20), seed=3).codes
+    assert short.shape == (2, 6, 5) and torch.equal(short, full)
+
+
 def test_same_seed_same_canvas() -> None:
     torch.manual_seed(0)
     gpt = vqgen.create(

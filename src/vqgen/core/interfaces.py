@@ -224,9 +224,15 @@ class Prior(Component, nn.Module):
     ``seq`` is ``int64 [B, L]`` with values in ``[0, vocab_size)``; ``cond`` is
     ``int64 [B, Lc]`` condition tokens already offset by the pipeline into the
     prior's condition range, or ``None`` for an unconditional model.
+
+    ``prefix_logits = True`` declares that ``logits(seq[:, :n], cond)`` equals
+    ``logits(seq, cond)[:, :n]`` for any ``n`` (a sequence model that needs no
+    future positions, e.g. a transformer); the sliding window then feeds only the
+    part of the window before the predicted token.
     """
 
     vocab_size: int
+    prefix_logits: ClassVar[bool] = False
 
     @abstractmethod
     def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

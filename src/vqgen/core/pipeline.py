@@ -369,6 +369,8 @@ class Pipeline(nn.Module):
                     c = cond_grid[:, top : top + wh, left : left + ww].reshape(b, -1)
                     c = c + self.cond_offset  # (b, wh*ww)
                 pos = (i - top) * ww + (j - left)
+                if prior.prefix_logits:  # later window positions cannot matter
+                    window = window[:, : pos + 1]  # (b, pos + 1)
                 if guidance != 1.0 and c is not None:
                     both = prior.logits(torch.cat([window, window]), torch.cat([c, self._null(c)]))
                     logits = _guide(both[:, pos], guidance)  # (b, V)

@@ -175,6 +175,8 @@ class GPT(Prior):
     cache; ``generate`` samples whole sequences. Call ``.eval()`` before decoding.
     """
 
+    prefix_logits = True  # causal: logits of a prefix need no later positions
+
     Params = GPTParams
 
     def __init__(
