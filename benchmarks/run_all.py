@@ -103,7 +103,14 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
         ("sliding window, 32x64 latents (ms/token)", "sliding.32x64.ms_per_token"),
         ("per-token cost max/min", "ratio_max_min"),
     ],
-    "conditioning": [],
+    "conditioning": [
+        *((f"{c}: NLL gain from the condition (bits/token)", f"summary.{c}.gap_bits")
+          for c in ("class", "segmentation", "depth", "edge", "pose", "lowres")),
+        ("class accuracy of class-conditional samples", "summary.class.accuracy.samples"),
+        ("segmentation mIoU of samples", "summary.segmentation.miou.samples"),
+        ("edge F1 of samples", "summary.edge.f1.samples"),
+        ("low-res PSNR of samples (dB)", "summary.lowres.psnr_db.samples"),
+    ],
     "cuda": [],
 }
 
