@@ -115,10 +115,13 @@ TOKENIZER_TRAIN: dict[str, Any] = {
     "steps": 900, "batch_size": 16, "lr": 3e-4, "log_every": 100, "image_every": 0,
     "seed": SEED, "device": "cpu",
 }
-#: The cond stages: the same small VQGAN, fewer codes (maps are simpler than images).
+#: The cond stages: the same small VQGAN with 32 codes. Maps are simpler than images (a
+#: depth map reconstructs as well with 32 codes as with 256), and a small condition
+#: vocabulary is learnt much faster by the prior: with 256 codes and the same prior
+#: budget, depth, edge, pose and segmentation conditioning came out *worse* than none.
 COND_TOKENIZER: dict[str, Any] = {
     "ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "norm_groups": 2,
-    "z_channels": 16, "embed_dim": 16, "n_embed": 256, "codebook_dim": 8,
+    "z_channels": 16, "embed_dim": 16, "n_embed": 32, "codebook_dim": 8,
 }
 COND_IMAGE_EXTRA: dict[str, Any] = {
     "perceptual_weight": 0.0, "pretrained_backbone": False, "disc_weight": 0.0,
@@ -140,14 +143,16 @@ CONDITIONER_PARAMS: dict[str, dict[str, Any]] = {
 GPT_PARAMS: dict[str, Any] = {
     "vocab_size": 512, "n_layer": 3, "n_head": 4, "n_embd": 96,
 }
+#: Small batches, many steps, a high learning rate: at equal CPU time this beat 600 steps
+#: of 32 at 1e-3 for every prior tried, and only then did learnt condition codes pay off.
 PRIOR_TRAIN: dict[str, Any] = {
-    "steps": 600, "batch_size": 32, "lr": 1e-3, "warmup_steps": 30, "seed": SEED,
+    "steps": 1200, "batch_size": 16, "lr": 2e-3, "warmup_steps": 30, "seed": SEED,
     "device": "cpu", "keep_last": 0, "keep_best": False,
 }
 SAMPLER: dict[str, Any] = {"name": "top_k", "params": {"k": 20}}
 EVAL_SAMPLES = 256  # held-out conditions sampled per conditioner
 CLASSIFIER_STEPS = 800
-SEGMENTER_STEPS = 400  # 600 (the default) ≈ 2.5 min of one core; its own mIoU is reported
+SEGMENTER_STEPS = 600  # the default, ≈ 2.5 min of one core; 400 steps gave only 0.69 mIoU
 DEPTH_NEAR = 0.55  # shapes: object cards at depth 0.1-0.5, background plane 0.6-1
 TARGET_CLASS_ACCURACY = 0.9
 #: The headline fidelity figure of each conditioner (in the summary).
@@ -356,6 +361,22 @@ def prior_run(cfg: Any, tokenizer: Any, cond: Any, root: Path) -> tuple[Any, dic
     }
 
 
+@torch.no_grad()
+def cache_nll(pipe: Any, cache: TokenCache, shift: int = 0, bs: int = 128) -> float:
+    """Held-out NLL (bits per image token) of ``pipe``'s conditional prior on ``cache``,
+    each image paired with the condition of the image ``shift`` places later (0: its own).
+
+    A paired check of the same trained model, free of the run-to-run noise that separates
+    two trainings: with a mismatched condition the NLL should rise.
+    """
+    prior = pipe.prior.eval()
+    seq = pipe.ordering.flatten(torch.from_numpy(np.asarray(cache.codes, dtype=np.int64)))
+    cond = torch.from_numpy(np.asarray(cache.cond, dtype=np.int64)).roll(-shift, 0)
+    total = sum(float(prior.nll(seq[i : i + bs], cond[i : i + bs] + pipe.cond_offset).sum())
+                for i in range(0, len(seq), bs))
+    return total / len(seq) / LN2
+
+
 # -----------------------------------------------------------------------------
 # fidelity measures
 
@@ -550,7 +571,7 @@ def main() -> None:
             lc = encode_all(lambda b, c=cond: c.tokens(b), take(held, slice(0, 2))).shape[1]
             cfg = config(name, cond.vocab_size, lc, s)
             uncond, uncond_images = twin(cond.vocab_size)
-            shared.caches(cond)
+            _, held_cache = shared.caches(cond)
             log(f"{name}: prior ...")
             pipe, run = prior_run(cfg, tok, cond, root)
             run["cond_tokens"] = lc
@@ -558,6 +579,13 @@ def main() -> None:
             entry["val_nll_bits"] = {"conditional": run["val_nll_bits"],
                                      "unconditional": uncond["val_nll_bits"]}
             entry["conditional_lower"] = run["val_nll_bits"] < uncond["val_nll_bits"]
+            entry["mismatched_condition"] = {
+                "val_nll_bits": cache_nll(pipe, held_cache, shift=1),
+                "matched_val_nll_bits": cache_nll(pipe, held_cache),
+            }
+            entry["mismatched_condition"]["uses_condition"] = (
+                entry["mismatched_condition"]["matched_val_nll_bits"]
+                < entry["mismatched_condition"]["val_nll_bits"])
             t = cpu_clock()
             gen = pipe.generate(n_eval, condition_of(name, held, n_eval), seed=SEED)
             entry["sample_s"] = since(t)["wall_s"]
@@ -572,6 +600,10 @@ def main() -> None:
             log(f"{name}: {rounded({k: entry[k] for k in ('val_nll_bits', 'fidelity')})}")
         result["conditioners"] = per
         result["unconditional"] = {f"cond_vocab_size_{v}": r for v, (r, _) in twins.items()}
+        nlls = [r["val_nll_bits"] for r, _ in twins.values()]
+        # two unconditional priors that differ only in their (unused) embedding rows, and
+        # so in their random initialisation: the run-to-run noise of one NLL figure
+        result["unconditional_twin_spread_bits"] = max(nlls) - min(nlls)
         present = {p.parent.name for p in root.glob("*/meta.json")}
         result["token_caches"] = {"written_here": len(WRITTEN),
                                   "built_by_the_trainer": len(present - WRITTEN)}
@@ -582,6 +614,7 @@ def main() -> None:
             "uncond_nll_bits": e["val_nll_bits"]["unconditional"],
             "gap_bits": e["val_nll_bits"]["unconditional"] - e["val_nll_bits"]["conditional"],
             "conditional_lower": e["conditional_lower"],
+            "mismatched_condition_nll_bits": e["mismatched_condition"]["val_nll_bits"],
             MAIN_METRIC[name]: {
                 "samples": e["fidelity"]["samples"][MAIN_METRIC[name]],
                 "reconstructions": e["fidelity"]["reconstructions"][MAIN_METRIC[name]],
@@ -597,6 +630,9 @@ def main() -> None:
         "class_accuracy_ge_0.9": cls_acc >= TARGET_CLASS_ACCURACY,
     }
     result["targets"] = targets
+    # not a target of the issue: the paired check, free of run-to-run noise
+    result["every_prior_uses_its_condition"] = all(
+        e["mismatched_condition"]["uses_condition"] for e in per.values())
     result["all_targets_met"] = all(targets.values())
     result["setup"] = {
         "data": f"shapes {RESOLUTION}x{RESOLUTION}, {TRAIN_IMAGES} training images; "
@@ -618,6 +654,16 @@ def main() -> None:
         "references": "'real' and 'reconstructions' bound what a prior over these codes can "
                       "reach; 'unconditional_samples' scored against the same conditions is "
                       "the chance level",
+        "class_accuracy": (
+            "the classifier scores {:.3f} on real held-out images but {:.3f} on their "
+            "tokenizer reconstructions: at this stage-1 budget the f=4 codes keep little of "
+            "what tells the four shapes apart (even exact 4x4 block means score only "
+            "~0.55-0.63), so samples cannot reach the 0.9 target whatever the prior does"
+        ).format(per["class"]["fidelity"]["real"]["accuracy"],
+                 per["class"]["fidelity"]["reconstructions"]["accuracy"]),
+        "recipe": "with 256-code cond stages and priors of 600 steps x 32 at lr 1e-3 (same "
+                  "CPU time), only lowres beat the unconditional prior (class -0.006, "
+                  "segmentation -0.08, depth -0.04, edge -0.06, pose -0.07 bits/token)",
     }
     took = since(t_all)
     result["budget"] = {
