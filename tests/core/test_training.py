@@ -20,6 +20,8 @@ from vqgen.core.training import (
     batch_stream,
     check_finite,
     load_component,
+    lr_at,
+    make_adam,
     resolve_lr,
     train_tokenizer,
 )
@@ -107,6 +109,35 @@ def test_learning_rate_rule() -> None:
     assert resolve_lr(StageTrainConfig(lr=3e-4, batch_size=8)) == 3e-4
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_make_adam_is_fused_on_the_cpu_and_matches_plain_adam(decoupled: bool) -> None:
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 4)
+    grads = [torch.randn(5, 4) for _ in range(3)]
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    fused = make_adam([a], 1e-2, (0.5, 0.9), decoupled=decoupled)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    plain = cls([b], lr=1e-2, betas=(0.5, 0.9))
+    assert fused.param_groups[0]["fused"] is True and type(fused) is cls
+    for g in grads:
+        a.grad, b.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_make_adam_falls_back_where_fusing_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoFused(torch.optim.Adam):
+        def __init__(self, *args: Any, fused: bool | None = None, **kwargs: Any) -> None:
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", NoFused)
+    opt = make_adam([nn.Parameter(torch.zeros(3))], 1e-3, (0.9, 0.99))
+    assert isinstance(opt, NoFused) and not opt.param_groups[0]["fused"]
+
+
 def test_short_run_lowers_the_loss_and_writes_a_run_directory(
     reg: vqgen.Registry, tmp_path: Path
 ) -> None:
@@ -137,6 +168,23 @@ def test_short_run_lowers_the_loss_and_writes_a_run_directory(
     again = load_component(ckpt, reg)
     x = torch.stack([ShapesDataset(split="val")[i]["image"] for i in range(4)])
     assert torch.equal(again.encode(x), tok.encode(x))
+
+
+@pytest.mark.parametrize(("schedule", "warmup"), [(None, 0), ("constant", 2), ("cosine", 2)])
+def test_stage1_learning_rate_schedule(
+    reg: vqgen.Registry, tmp_path: Path, schedule: str | None, warmup: int
+) -> None:
+    extra = {"lr_schedule": schedule} if schedule else {}
+    cfg = config(reg, "vqgan", TINY_GAN, steps=6, log_every=1, warmup_steps=warmup, **extra)
+    train_tokenizer(cfg, tmp_path, registry=reg, progress=False)
+    logged = [r["lr"] for r in records(tmp_path)]
+    expected = [lr_at(s, 2e-3, warmup, 6, schedule=schedule or "constant") for s in range(6)]
+    assert logged == pytest.approx(expected, rel=1e-6)
+    if schedule == "cosine":  # warm-up, then decay towards 10 % of the base rate
+        assert logged[0] == pytest.approx(1e-3) and logged[1] == pytest.approx(2e-3)
+        assert logged[2] > logged[3] > logged[4] > logged[5] > 2e-4
+    else:
+        assert logged[warmup:] == pytest.approx([2e-3] * (6 - warmup))
 
 
 def test_discriminator_untouched_before_disc_start_and_trained_after(

@@ -17,6 +17,7 @@ from vqgen.plugins.classifier import (
     ImageClassifier,
     SegmentationNet,
     accuracy,
+    degrade,
     iou_per_class,
     load_classifier,
     load_segmenter,
@@ -110,6 +111,44 @@ def test_held_out_accuracy_after_short_training() -> None:
     assert accuracy(model, stack(val, "image"), stack(val, "label")) >= 0.90
 
 
+def test_degrade_softens_some_images_reproducibly() -> None:
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    a = degrade(x, torch.Generator().manual_seed(1))
+    b = degrade(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert float(a.min()) >= -1 and float(a.max()) <= 1
+    changed = (a - x).abs().flatten(1).amax(1) > 0  # (64,)
+    assert 20 <= int(changed.sum()) <= 56  # p = 0.6 of 64 images
+    # a softened random image loses most of its pixel-level variation
+    assert float((a[changed] - a[changed].mean((2, 3), keepdim=True)).std()) < 0.7 * float(
+        x.std())
+    assert torch.equal(degrade(x, torch.Generator().manual_seed(1), p=0.0), x)
+
+
+def test_augmented_training_is_deterministic_and_differs(
+    few: list[dict[str, torch.Tensor]],
+) -> None:
+    plain, aug, aug2 = [], [], []
+    train_classifier(few, steps=4, batch_size=8, progress=False, n_classes=4, history=plain)
+    for hist in (aug, aug2):
+        train_classifier(few, steps=4, batch_size=8, progress=False, n_classes=4,
+                         history=hist, augment=True)
+    assert aug == aug2 and aug != plain
+
+
+@pytest.mark.slow
+def test_augmented_judge_is_accurate_on_real_and_blurred_images() -> None:
+    model = train_classifier(ShapesDataset(resolution=32), steps=800, progress=False,
+                             augment=True)
+    val = ShapesDataset(resolution=32, split="val", length=500)
+    x, y = stack(val, "image"), stack(val, "label")
+    assert accuracy(model, x, y) >= 0.90
+    blurred = torch.nn.functional.interpolate(
+        torch.nn.functional.interpolate(x, scale_factor=0.25, mode="area"), size=(32, 32),
+        mode="bilinear", align_corners=False)  # (500, 3, 32, 32): 8 × 8 detail only
+    assert accuracy(model, blurred, y) >= 0.75
+
+
 # -- files ---------------------------------------------------------------------
 
 
@@ -165,6 +204,7 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main([*args, "--batch-size", "4", "--out", str(out)]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
     assert isinstance(load_classifier(out), ImageClassifier)
+    assert main([*args, "--batch-size", "4", "--augment", "--out", str(tmp_path / "a.st")]) == 0
 
 
 # -- metrics -------------------------------------------------------------------

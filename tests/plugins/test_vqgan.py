@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import signature_problems
@@ -288,6 +289,21 @@ def test_generator_loss_uses_lambda_after_disc_start_only() -> None:
     assert torch.allclose(loss.detach(), expected)
     loss.backward()
     assert all(p.grad is None for p in loss_fn.discriminator.parameters())
+
+
+@pytest.mark.parametrize("rec_loss", ["l1", "l2"])
+def test_reconstruction_loss_is_l1_or_l2(rec_loss: str) -> None:
+    tok = tiny(**PLAIN, rec_loss=rec_loss)
+    loss_fn = tok.build_loss()
+    x = images(2, 16, 16)
+    out = tok(x)
+    _, logs = loss_fn.generator_loss(x, out, 0, tok.last_layer)
+    diff = x - out.recon.detach()
+    expected = diff.abs().mean() if rec_loss == "l1" else diff.square().mean()
+    assert torch.allclose(logs["rec"], expected)
+    assert torch.allclose(logs["loss"], expected + out.qloss.detach())
+    with pytest.raises(ValidationError, match="rec_loss"):
+        VQGAN.Params(**TINY, rec_loss="l3")
 
 
 def test_discriminator_losses() -> None:

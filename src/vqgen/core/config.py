@@ -118,7 +118,11 @@ class StageTrainConfig(_Strict):
     input_key: str | None = Field(
         None, description="batch key the tokenizer trains on; unset: the tokenizer's default"
     )
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up (prior)")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    lr_schedule: Literal["constant", "cosine"] | None = Field(
+        None, description="after warm-up: constant, or cosine decay to 10 % by the last "
+        "step; unset: the stage's default (tokenizer: constant, as taming; prior: cosine)"
+    )
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay on weights (prior)")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clipping (prior)")
     cond_dropout: float = Field(

@@ -78,6 +78,7 @@ __all__ = [
     "ImageClassifier",
     "SegmentationNet",
     "accuracy",
+    "degrade",
     "iou_per_class",
     "load_classifier",
     "load_segmenter",
@@ -288,11 +289,42 @@ def mean_iou(pred_labels: torch.Tensor, target_labels: torch.Tensor, n_classes: 
 # training
 
 
+def degrade(x: torch.Tensor, gen: torch.Generator, p: float = 0.6) -> torch.Tensor:
+    """Randomly soften images ``[B, C, H, W]`` the way imperfect decoders do.
+
+    Each image, with probability ``p``, is downsampled by 2 or 4 (area) and
+    upsampled back (bilinear), or blurred (Gaussian, σ = 1 px), and gets Gaussian
+    noise of a random strength (std up to 0.08). A judge trained with this still
+    sees only real images, but learns shapes rather than pixel-exact edges, so
+    it can score blurry samples and reconstructions.
+    """
+    b, _, h, w = x.shape
+    soft = [
+        F.interpolate(F.interpolate(x, scale_factor=1 / f, mode="area"), size=(h, w),
+                      mode="bilinear", align_corners=False)
+        for f in (2, 4)
+    ]  # 2 × (B, C, H, W)
+    k = torch.exp(-0.5 * torch.arange(-2.0, 3.0).square())  # (5,) σ = 1 px
+    k = k / k.sum()
+    c = x.shape[1]
+    blur = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).repeat(c, 1, 1, 1),
+                    groups=c)
+    blur = F.conv2d(F.pad(blur, (0, 0, 2, 2), mode="replicate"),
+                    k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)  # (B, C, H, W)
+    choice = torch.randint(3, (b,), generator=gen).view(b, 1, 1, 1)  # which softening
+    on = (torch.rand(b, generator=gen) < p).view(b, 1, 1, 1)  # (B, 1, 1, 1)
+    softened = torch.where(choice == 0, soft[0], torch.where(choice == 1, soft[1], blur))
+    noise_std = torch.rand(b, generator=gen).view(b, 1, 1, 1) * 0.08
+    noise = torch.randn(x.shape, generator=gen) * noise_std * on
+    return (torch.where(on, softened, x) + noise).clamp(-1, 1)  # (B, C, H, W)
+
+
 class _Batches:
     """Random batches of a map-style dataset, decoded samples cached in memory."""
 
-    def __init__(self, dataset: Any, keys: tuple[str, ...], seed: int) -> None:
-        self.dataset, self.keys = dataset, keys
+    def __init__(self, dataset: Any, keys: tuple[str, ...], seed: int,
+                 augment: bool = False) -> None:
+        self.dataset, self.keys, self.augment = dataset, keys, augment
         self.gen = torch.Generator().manual_seed(seed)
         self.cache: dict[int, tuple[torch.Tensor, ...]] = {}
         self.cached_bytes = 0
@@ -319,10 +351,13 @@ class _Batches:
         items = [self._item(i) for i in idx]
         out = tuple(torch.stack([it[j] for it in items]) for j in range(len(self.keys)))
         flip = torch.rand(batch_size, generator=self.gen) < 0.5  # (B,) random horizontal flips
-        return tuple(
+        out = tuple(
             torch.where(flip.view(-1, *[1] * (t.ndim - 1)), t.flip(-1), t) if t.ndim > 1 else t
             for t in out
         )  # images (B, 3, H, W) and segmentations (B, H, W) flipped alike
+        if self.augment:
+            out = (degrade(out[0].float(), self.gen), *out[1:])
+        return out
 
 
 def _n_classes(dataset: Any, n_classes: int | None, extra: int, what: str) -> int:
@@ -394,13 +429,16 @@ def train_classifier(
     n_stages: int = 3,
     device: str | torch.device = "cpu",
     history: list[float] | None = None,
+    augment: bool = False,
 ) -> ImageClassifier:
     """Train an :class:`ImageClassifier` on ``dataset``'s ``"image"`` / ``"label"`` samples.
 
     Random batches (with replacement) and random horizontal flips, AdamW with a
-    short warm-up and cosine decay, cross-entropy. ``n_classes`` defaults to
-    ``len(dataset.classes)``. Deterministic in ``seed`` on CPU. Returns the model
-    in eval mode on ``device``; ``history``, if given, receives every step's loss.
+    short warm-up and cosine decay, cross-entropy. ``augment`` also softens images
+    at random (:func:`degrade`): a judge of generated samples should be. ``n_classes``
+    defaults to ``len(dataset.classes)``. Deterministic in ``seed`` on CPU. Returns
+    the model in eval mode on ``device``; ``history``, if given, receives every
+    step's loss.
     """
     torch.manual_seed(seed)
     k = _n_classes(dataset, n_classes, 0, "train_classifier")
@@ -413,7 +451,7 @@ def train_classifier(
     )
     losses = _fit(
         model,
-        _Batches(dataset, ("image", "label"), seed),
+        _Batches(dataset, ("image", "label"), seed, augment=augment),
         lambda logits, b: F.cross_entropy(logits, b[1]),
         steps=steps,
         batch_size=batch_size,
@@ -575,6 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--augment", action="store_true",
+                    help="classifier: random blur / down-up sampling / noise (a sample judge)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     try:
@@ -583,7 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise VqgenError(f"--data-params is not JSON: {err}") from None
     reg = default_registry()
     dataset = reg.create("dataset", args.data, params)
-    train = train_segmenter if args.segmentation else train_classifier
+    train: Callable[..., nn.Module] = (
+        train_segmenter if args.segmentation
+        else lambda *a, **k: train_classifier(*a, augment=args.augment, **k)
+    )
     t0 = time.perf_counter()
     model = train(
         dataset,

@@ -84,6 +84,7 @@ class VQGANGumbel(_VQModel):
         codebook_weight: float = Field(1.0, ge=0.0)
         in_channels: int = Field(3, ge=1)
         out_channels: int = Field(0, ge=0, description="0 = same as in_channels")
+        rec_loss: Literal["l1", "l2"] = Field("l1", description="pixel loss: l1 or l2")
         perceptual_weight: float = Field(1.0, ge=0.0)
         pretrained_backbone: bool = True
         disc_start: int = Field(2000, ge=0)
@@ -121,6 +122,7 @@ class VQGANGumbel(_VQModel):
         codebook_weight: float = 1.0,
         in_channels: int = 3,
         out_channels: int = 0,
+        rec_loss: Literal["l1", "l2"] = "l1",
         perceptual_weight: float = 1.0,
         pretrained_backbone: bool = True,
         disc_start: int = 2000,
@@ -135,7 +137,8 @@ class VQGANGumbel(_VQModel):
             dropout=dropout, norm_groups=norm_groups, attention=attention, n_embed=n_embed,
             embed_dim=embed_dim, kl_weight=kl_weight, temperature=temperature,
             codebook_weight=codebook_weight, in_channels=in_channels, out_channels=out_channels,
-            perceptual_weight=perceptual_weight, pretrained_backbone=pretrained_backbone,
+            rec_loss=rec_loss, perceptual_weight=perceptual_weight,
+            pretrained_backbone=pretrained_backbone,
             disc_start=disc_start, disc_weight=disc_weight, disc_loss=disc_loss,
             disc_n_layers=disc_n_layers, disc_ch=disc_ch,
         )

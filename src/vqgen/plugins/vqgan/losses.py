@@ -1,4 +1,4 @@
-"""VQGAN training losses: L1 + LPIPS reconstruction, PatchGAN with an adaptive weight.
+"""VQGAN training losses: L1 (or L2) + LPIPS reconstruction, PatchGAN with an adaptive weight.
 
 The generator objective (Esser et al. 2021, eq. 5–7) is ::
 
@@ -165,6 +165,7 @@ class VQGANLoss(nn.Module):
         *,
         in_channels: int,
         codebook_weight: float = 1.0,
+        rec_loss: str = "l1",
         perceptual_weight: float = 1.0,
         pretrained_backbone: bool = True,
         disc_start: int = 0,
@@ -174,7 +175,9 @@ class VQGANLoss(nn.Module):
         disc_ch: int = 64,
     ) -> None:
         super().__init__()
-        self.codebook_weight = codebook_weight
+        if rec_loss not in ("l1", "l2"):
+            raise VqgenError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
+        self.codebook_weight, self.rec_loss = codebook_weight, rec_loss
         self.perceptual_weight = perceptual_weight
         self.disc_start, self.disc_weight, self.disc_kind = disc_start, disc_weight, disc_loss
         self.perceptual: nn.Module | None = None
@@ -211,7 +214,8 @@ class VQGANLoss(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Reconstruction + λ·GAN + codebook loss for the tokenizer's output ``out``."""
         recon = out.recon  # (B, C, H, W)
-        rec = (x - recon).abs().mean()
+        diff = x - recon  # (B, C, H, W)
+        rec = diff.abs().mean() if self.rec_loss == "l1" else diff.square().mean()
         zero = rec.new_zeros(())
         p_loss = self.perceptual_loss(x, recon) if self.perceptual is not None else zero
         nll = rec + self.perceptual_weight * p_loss

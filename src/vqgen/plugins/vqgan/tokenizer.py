@@ -191,6 +191,10 @@ class VQGAN(_VQModel):
     class Params(_ModelParams):
         in_channels: int = Field(3, ge=1)
         out_channels: int = Field(0, ge=0, description="0 = same as in_channels")
+        rec_loss: Literal["l1", "l2"] = Field(
+            "l1", description="pixel reconstruction loss: l1 (taming) or l2 (mean squared "
+            "error, which optimises PSNR directly and learns faster on small CPU budgets)"
+        )
         perceptual_weight: float = Field(1.0, ge=0.0, description="LPIPS weight; 0 = off")
         pretrained_backbone: bool = Field(
             True, description="ImageNet VGG16 for LPIPS (downloaded by torchvision); "
@@ -225,6 +229,7 @@ class VQGAN(_VQModel):
         codebook_weight: float = 1.0,
         in_channels: int = 3,
         out_channels: int = 0,
+        rec_loss: Literal["l1", "l2"] = "l1",
         perceptual_weight: float = 1.0,
         pretrained_backbone: bool = True,
         disc_start: int = 2000,
@@ -242,7 +247,7 @@ class VQGAN(_VQModel):
             embed_dim=embed_dim, codebook_dim=codebook_dim, l2_normalize=l2_normalize,
             kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, restart_after=restart_after,
             beta=beta, legacy_beta=legacy_beta, codebook_weight=codebook_weight,
-            in_channels=in_channels, out_channels=out_channels,
+            in_channels=in_channels, out_channels=out_channels, rec_loss=rec_loss,
             perceptual_weight=perceptual_weight, pretrained_backbone=pretrained_backbone,
             disc_start=disc_start, disc_weight=disc_weight, disc_loss=disc_loss,
             disc_n_layers=disc_n_layers, disc_ch=disc_ch,
@@ -258,6 +263,7 @@ class VQGAN(_VQModel):
         return VQGANLoss(
             in_channels=p.out_channels or p.in_channels,
             codebook_weight=p.codebook_weight,
+            rec_loss=p.rec_loss,
             perceptual_weight=p.perceptual_weight,
             pretrained_backbone=p.pretrained_backbone,
             disc_start=p.disc_start,
