@@ -57,8 +57,9 @@ The image tokens are encoded once and shared: the token caches that ``train_prio
 reads (``TokenCache``, one per conditioner, keyed by the weights of both stages) are
 written beforehand from one encoding of the data, so each prior run only opens its cache.
 
-Budget: about 20 minutes of wall time on 2 idle CPU cores at the default scale
-(``--threads 2``; measured: 19.5–20.3 min wall, 38–40 min CPU); the output states the
+Budget: about 23 minutes of wall time on 2 idle CPU cores at the default scale
+(``--threads 2``; measured: 22.8 min wall, 45 min CPU, with the 3200-step image
+tokenizer; 19.5–20.3 min with the earlier 900-step one); the output states the
 measured wall and CPU time of its run. ``--scale 0.02`` (under a minute) shrinks every
 step budget, the training set and the sample count for a smoke run.
 
@@ -667,8 +668,8 @@ def main() -> None:
         "class_accuracy": (
             "the classifier scores {:.3f} on real held-out images but {:.3f} on their "
             "tokenizer reconstructions: at this stage-1 budget the f=4 codes keep little of "
-            "what tells the four shapes apart (even exact 4x4 block means score only "
-            "~0.55-0.63), so samples cannot reach the 0.9 target whatever the prior does"
+            "what tells the four shapes apart (with the earlier, unaugmented judge even "
+            "exact 4x4 block means scored only ~0.55-0.63), so samples cannot reach the 0.9 target whatever the prior does"
         ).format(per["class"]["fidelity"]["real"]["accuracy"],
                  per["class"]["fidelity"]["reconstructions"]["accuracy"]),
         "recipe": "with 256-code cond stages and priors of 600 steps x 32 at lr 1e-3 (same "
@@ -677,7 +678,7 @@ def main() -> None:
     }
     took = since(t_all)
     result["budget"] = {
-        "target": "<= ~20 min wall on 2 CPU cores at --scale 1 (--threads 2)",
+        "target": "<= ~23 min wall on 2 CPU cores at --scale 1 (--threads 2)",
         "total_wall_s": took["wall_s"], "total_cpu_s": took["cpu_s"],
     }
     result["env"] = env()
