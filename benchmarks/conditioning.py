@@ -669,7 +669,8 @@ def main() -> None:
             "the classifier scores {:.3f} on real held-out images but {:.3f} on their "
             "tokenizer reconstructions: at this stage-1 budget the f=4 codes keep little of "
             "what tells the four shapes apart (with the earlier, unaugmented judge even "
-            "exact 4x4 block means scored only ~0.55-0.63), so samples cannot reach the 0.9 target whatever the prior does"
+            "exact 4x4 block means scored only ~0.55-0.63), so samples cannot reach the "
+            "0.9 target whatever the prior does"
         ).format(per["class"]["fidelity"]["real"]["accuracy"],
                  per["class"]["fidelity"]["reconstructions"]["accuracy"]),
         "recipe": "with 256-code cond stages and priors of 600 steps x 32 at lr 1e-3 (same "
