@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -89,12 +90,30 @@ def test_resume_continues_to_the_same_weights(
         assert torch.allclose(pa, pb, atol=1e-6), name
 
 
+@pytest.mark.parametrize("schedule", [None, "constant"])
+def test_prior_follows_its_lr_schedule(
+    tmp_path: Path, test_registry: vqgen.Registry, schedule: str | None
+) -> None:
+    small = {"name": "gpt", "params": {**GPT["params"], "n_layer": 1, "n_embd": 32}}
+    tok = test_registry.create("tokenizer", "stub_tokenizer", {"n_embed": 16})
+    extra = {"lr_schedule": schedule} if schedule else {}
+    cfg = parse_config(config(small, steps=6, warmup_steps=2, log_every=1, **extra),
+                       registry=test_registry)
+    train_prior(cfg, tok, run_dir=tmp_path, registry=test_registry, progress=False)
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text()
+              .splitlines() if json.loads(line).get("stage") == "prior"]
+    expected = [lr_at(s, 3e-3, 2, 6, schedule=schedule or "cosine") for s in range(6)]
+    assert logged == pytest.approx(expected, rel=1e-6)  # default: cosine after warm-up
+
+
 def test_lr_schedule_and_decay_groups() -> None:
     assert lr_at(0, 1.0, 10, 100) == pytest.approx(0.1)
     assert lr_at(9, 1.0, 10, 100) == pytest.approx(1.0)
     assert lr_at(10, 1.0, 10, 100) == pytest.approx(1.0)
     assert lr_at(55, 1.0, 10, 100) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2)))
     assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
+    assert lr_at(5, 1.0, 10, 100, schedule="constant") == pytest.approx(0.6)
+    assert lr_at(55, 1.0, 10, 100, schedule="constant") == 1.0
     gpt = vqgen.create("prior", "gpt", {"n_layer": 1, "n_embd": 32, "n_head": 2})
     decay, no_decay = optimizer_groups(gpt, 0.01)
     linear_weights = {id(m.weight) for m in gpt.modules() if isinstance(m, torch.nn.Linear)}
