@@ -305,12 +305,10 @@ def degrade(x: torch.Tensor, gen: torch.Generator, p: float = 0.6) -> torch.Tens
         for f in (2, 4)
     ]  # 2 × (B, C, H, W)
     k = torch.exp(-0.5 * torch.arange(-2.0, 3.0).square())  # (5,) σ = 1 px
-    k = k / k.sum()
+    k2 = torch.outer(k, k) / k.sum() ** 2  # (5, 5) separable Gaussian
     c = x.shape[1]
-    blur = F.conv2d(F.pad(x, (2, 2, 0, 0), mode="replicate"), k.view(1, 1, 1, 5).repeat(c, 1, 1, 1),
-                    groups=c)
-    blur = F.conv2d(F.pad(blur, (0, 0, 2, 2), mode="replicate"),
-                    k.view(1, 1, 5, 1).repeat(c, 1, 1, 1), groups=c)  # (B, C, H, W)
+    blur = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), k2.expand(c, 1, 5, 5),
+                    groups=c)  # (B, C, H, W)
     choice = torch.randint(3, (b,), generator=gen).view(b, 1, 1, 1)  # which softening
     on = (torch.rand(b, generator=gen) < p).view(b, 1, 1, 1)  # (B, 1, 1, 1)
     softened = torch.where(choice == 0, soft[0], torch.where(choice == 1, soft[1], blur))
@@ -623,10 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise VqgenError(f"--data-params is not JSON: {err}") from None
     reg = default_registry()
     dataset = reg.create("dataset", args.data, params)
-    train: Callable[..., nn.Module] = (
-        train_segmenter if args.segmentation
-        else lambda *a, **k: train_classifier(*a, augment=args.augment, **k)
-    )
+    train = train_segmenter if args.segmentation else train_classifier
+    extra = {} if args.segmentation else {"augment": args.augment}
     t0 = time.perf_counter()
     model = train(
         dataset,
@@ -635,6 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=args.lr,
         seed=args.seed,
         device=args.device,
+        **extra,
     )
     line = f"trained in {time.perf_counter() - t0:.1f}s"
     fields = reg.get("dataset", args.data).params_model.model_fields
