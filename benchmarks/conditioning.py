@@ -100,7 +100,7 @@ from vqgen.conditioners.segmentation import SegmentationConditioner
 from vqgen.core.config import parse_config
 from vqgen.core.data import TokenCache
 from vqgen.core.registry import default_registry
-from vqgen.core.training import held_out_dataset, train_prior, train_tokenizer
+from vqgen.core.training import held_out_dataset, token_nll, train_prior, train_tokenizer
 from vqgen.plugins.classifier import (
     accuracy,
     mean_iou,
@@ -372,20 +372,14 @@ def prior_run(cfg: Any, tokenizer: Any, cond: Any, root: Path) -> tuple[Any, dic
     }
 
 
-@torch.no_grad()
-def cache_nll(pipe: Any, cache: TokenCache, shift: int = 0, bs: int = 128) -> float:
+def cache_nll(pipe: Any, cache: TokenCache, shift: int = 0) -> float:
     """Held-out NLL (bits per image token) of ``pipe``'s conditional prior on ``cache``,
     each image paired with the condition of the image ``shift`` places later (0: its own).
 
     A paired check of the same trained model, free of the run-to-run noise that separates
     two trainings: with a mismatched condition the NLL should rise.
     """
-    prior = pipe.prior.eval()
-    seq = pipe.ordering.flatten(torch.from_numpy(np.asarray(cache.codes, dtype=np.int64)))
-    cond = torch.from_numpy(np.asarray(cache.cond, dtype=np.int64)).roll(-shift, 0)
-    total = sum(float(prior.nll(seq[i : i + bs], cond[i : i + bs] + pipe.cond_offset).sum())
-                for i in range(0, len(seq), bs))
-    return total / len(seq) / LN2
+    return token_nll(pipe, cache, 128, cond_shift=shift)["nll_bits"]
 
 
 # -----------------------------------------------------------------------------

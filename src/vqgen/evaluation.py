@@ -6,7 +6,9 @@
   σ = 1.5, on ``[0, 1]`` images), LPIPS (VGG; with the ImageNet backbone when
   torchvision can load it, otherwise a random backbone, and the output says
   which), codebook usage (fraction of codes hit) and code perplexity;
-* **prior**: held-out NLL in nats and bits per token;
+* **prior**: held-out NLL in nats and bits per token; with a conditioner also the
+  NLL when every sample gets the next sample's condition, and the difference,
+  ``cond_gain_bits`` (about 0: the prior ignores its condition);
 * **samples**: with a class conditioner, the accuracy of a classifier (the one
   shipped in :mod:`vqgen.plugins.classifier`, read from a file) on samples
   drawn for every class;
@@ -33,7 +35,9 @@ import torch.nn.functional as F
 
 from vqgen.core.errors import VqgenError
 
-__all__ = ["class_accuracy", "evaluate_run", "find_classifier", "psnr", "run_demo", "ssim"]
+__all__ = [
+    "class_accuracy", "evaluate_run", "find_classifier", "prior_nll", "psnr", "run_demo", "ssim",
+]
 
 CLASSIFIER_FILE = "classifier.safetensors"
 
@@ -160,10 +164,9 @@ def evaluate_run(
     ``n`` held-out images for the tokenizer, ``per_class`` samples per class for
     the class accuracy, ``fid_samples`` > 0 to try FID / IS.
     """
-    from vqgen.core.data import TokenCache
     from vqgen.core.registry import default_registry
     from vqgen.core.runs import load_run
-    from vqgen.core.training import held_out_dataset, token_nll
+    from vqgen.core.training import held_out_dataset
 
     run = Path(run_dir)
     pipe = load_run(run)
@@ -198,16 +201,7 @@ def evaluate_run(
         )
     out["tokenizer"] = tok_metrics
     if pipe.prior is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cache = TokenCache.build(
-                run / "tokens", held, tok, pipe.conditioner,
-                data={"data": config.data.model_dump(mode="json"), "split": "val",
-                      "n": len(held)},
-                progress=progress,
-            )
-        nll = token_nll(pipe, cache)
-        out["prior"] = {"val_nll_nats": nll["nll_nats"], "val_nll_bits": nll["nll_bits"]}
+        out["prior"] = prior_nll(pipe, run, held, progress)
         if getattr(pipe.conditioner, "n_classes", None) and pipe.conditioner.spatial is False:
             path = find_classifier(run, classifier, config)
             if path is None:
@@ -228,6 +222,31 @@ def evaluate_run(
     return out
 
 
+def prior_nll(pipe: Any, run: Path, held: Any, progress: bool = False) -> dict[str, float]:
+    """Held-out NLL of ``pipe``'s prior on ``held`` (tokens cached under ``run/tokens``).
+
+    With a conditioner it adds the NLL with mismatched conditions and
+    ``cond_gain_bits``, how much the prior uses its condition
+    (:func:`vqgen.core.training.condition_gain`).
+    """
+    from vqgen.core.data import TokenCache
+    from vqgen.core.training import condition_gain, token_nll
+
+    config = pipe.config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache = TokenCache.build(
+            run / "tokens", held, pipe.tokenizer, pipe.conditioner,
+            data={"data": config.data.model_dump(mode="json"), "split": "val", "n": len(held)},
+            progress=progress,
+        )
+    if pipe.conditioner is None:
+        nll = token_nll(pipe, cache)
+        return {"val_nll_nats": nll["nll_nats"], "val_nll_bits": nll["nll_bits"]}
+    gain = condition_gain(pipe, cache)
+    return {"val_nll_nats": gain["val_nll_bits"] * math.log(2), **gain}
+
+
 def _round(d: dict[str, Any]) -> None:
     for k, v in d.items():
         if isinstance(v, float) and math.isfinite(v):
@@ -244,7 +263,8 @@ def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
 
     Writes ``samples.png`` (one row per class), ``reconstructions.png`` (held-out
     inputs above their reconstructions) and ``metrics.json`` (wall time, PSNR,
-    codebook usage, held-out NLL, and the class accuracy of 32 samples per class
+    codebook usage, held-out NLL, how much the prior uses the label
+    (``prior_cond_gain_bits``), and the class accuracy of 32 samples per class
     judged by a classifier trained on real images with random blur / down-up sampling /
     noise (``train_classifier(augment=True)``), kept as ``classifier.safetensors``).
     """
@@ -284,6 +304,7 @@ def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
         codes = pipe.tokenizer.encode(x)  # (256, h, w)
         recon = pipe.tokenizer.decode(codes).clamp(-1, 1)  # (256, 3, H, W)
     recons = save_image_grid(torch.cat([x[:8], recon[:8]]), run / "reconstructions.png", nrow=8)
+    gain = prior_nll(pipe, run, held)
     records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     last_prior = next((r for r in reversed(records) if r.get("stage") == "prior"), {})
     metrics = {
@@ -294,6 +315,8 @@ def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
         "codebook_usage": round(float(torch.unique(codes).numel()) / pipe.tokenizer.vocab_size,
                                 4),
         "prior_val_nll_bits": last_prior.get("val_nll_bits"),
+        # held-out bits/token with the next image's label minus with its own (256 images)
+        "prior_cond_gain_bits": round(gain["cond_gain_bits"], 5),
         "sample_class_accuracy": round(judged["class_accuracy"], 4),
         "sample_class_accuracy_per_class": [round(a, 3) for a in judged["per_class"]],
         "samples_judged": judged["n_samples"],

@@ -83,6 +83,8 @@ def test_eval_reports_tokenizer_prior_and_samples(run: Path, tmp_path: Path,
     assert "backbone" in tok["lpips_backbone"]
     prior = report["prior"]
     assert prior["val_nll_bits"] == pytest.approx(prior["val_nll_nats"] / math.log(2), abs=1e-4)
+    assert prior["cond_gain_bits"] == pytest.approx(
+        prior["val_nll_bits_other_cond"] - prior["val_nll_bits"], abs=1e-4)
     assert report["samples"]["n_samples"] == 12 and len(report["samples"]["per_class"]) == 4
     assert 0 <= report["samples"]["class_accuracy"] <= 1
     fid = report["fid_is"]

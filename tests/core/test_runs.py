@@ -84,7 +84,8 @@ def test_demo_command_writes_pictures_and_metrics(run: Path) -> None:
                  "--classifier-steps", "5"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"train_wall_s", "tokenizer_psnr_db", "codebook_usage", "prior_val_nll_bits",
-            "sample_class_accuracy"} <= set(metrics)
+            "prior_cond_gain_bits", "sample_class_accuracy"} <= set(metrics)
+    assert isinstance(metrics["prior_cond_gain_bits"], float)
     assert 0.0 <= metrics["sample_class_accuracy"] <= 1.0
     assert metrics["samples_judged"] == 4 * 32
     assert (run / "classifier.safetensors").is_file()
