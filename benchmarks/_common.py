@@ -9,7 +9,8 @@ What lives here:
   every script takes, and the thread setting;
 * :func:`timed` — the median (and all values) of repeated wall-clock timings;
 * :func:`env` — torch / Python / CPU / threads, for the output;
-* :func:`emit` — write ``benchmarks/results/<name>.json`` and print the JSON;
+* :func:`emit` — write ``benchmarks/results/<name>.json`` (``results/smoke/`` for a
+  ``--scale`` other than 1, see :func:`default_out`) and print the JSON;
 * :func:`shapes_tokenizer` — a small f = 4 VQGAN for 32×32 ``shapes``, trained briefly
   with vqgen's own stage-1 trainer (the tokens the prior benchmarks train on);
 * :func:`prior_config` / :func:`train_prior_run` — one stage-2 run with vqgen's own
@@ -49,15 +50,27 @@ def parser(doc: str | None, name: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=(doc or name).strip().splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply the step / token / repeat budgets (e.g. 0.1 for a smoke run)")
-    ap.add_argument("--out", type=Path, default=RESULTS / f"{name}.json",
-                    help="where the JSON result is written")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"where the JSON result is written (default: {default_out(name, 1.0)}; "
+                    f"runs with --scale other than 1 go to {default_out(name, 0.5)})")
+    ap.set_defaults(benchmark=name)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default for this machine)")
     return ap
 
 
+def default_out(name: str, scale: float) -> Path:
+    """Where a result goes: ``results/<name>.json`` at full scale, else ``results/smoke/``.
+
+    So a smoke run never overwrites the stored full-scale result.
+    """
+    return RESULTS / f"{name}.json" if scale == 1.0 else RESULTS / "smoke" / f"{name}.json"
+
+
 def setup(args: argparse.Namespace) -> None:
-    """Apply ``--threads``."""
+    """Apply ``--threads``; resolve the default ``--out`` for this ``--scale``."""
+    if args.out is None:
+        args.out = default_out(args.benchmark, args.scale)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -105,9 +118,12 @@ def log(msg: str) -> None:
 
 
 def emit(result: dict[str, Any], out: Path) -> None:
-    """Write the result to ``out`` and print it as one JSON line (run_all reads the last)."""
+    """Write the result to ``out`` (atomically) and print it as one JSON line (run_all
+    reads the last)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
     print(json.dumps(result))
 
 

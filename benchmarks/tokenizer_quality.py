@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import default_out, emit
 
 import vqgen
 from vqgen.core.config import parse_config
@@ -221,8 +222,11 @@ def scaled(train: dict[str, Any], scale: float) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"default: {RESULTS}; with --scale other than 1: results/smoke/")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = default_out("tokenizer_quality", args.scale)
 
     torch.set_num_threads(THREADS)
     t0 = time.perf_counter()
@@ -263,9 +267,7 @@ def main() -> None:
             "python": platform.python_version(), "machine": platform.machine(),
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(json.dumps(result, indent=2))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""The benchmark scripts' shared helpers: a smoke run never overwrites a stored result."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture()
+def common():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+
+        yield _common
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_full_scale_writes_results_and_smoke_runs_go_aside(common) -> None:  # type: ignore
+    full = common.parser(None, "orderings").parse_args([])
+    common.setup(full)
+    assert full.out == BENCH / "results" / "orderings.json"
+    smoke = common.parser(None, "orderings").parse_args(["--scale", "0.02"])
+    common.setup(smoke)
+    assert smoke.out == BENCH / "results" / "smoke" / "orderings.json"
+    chosen = common.parser(None, "orderings").parse_args(["--scale", "0.02", "--out", "x.json"])
+    common.setup(chosen)
+    assert chosen.out == Path("x.json")
+
+
+def test_emit_replaces_the_file_whole_and_prints_one_line(
+    common, tmp_path: Path, capsys: pytest.CaptureFixture[str]  # type: ignore[no-untyped-def]
+) -> None:
+    out = tmp_path / "r" / "b.json"
+    common.emit({"a": 1.5}, out)
+    common.emit({"a": 2}, out)
+    assert json.loads(out.read_text()) == {"a": 2}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b.json"]
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
+        {"a": 1.5}, {"a": 2}]
