@@ -316,7 +316,7 @@ def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                 4),
         "prior_val_nll_bits": last_prior.get("val_nll_bits"),
         # held-out bits/token with the next image's label minus with its own (256 images)
-        "prior_cond_gain_bits": round(gain["cond_gain_bits"], 5),
+        "prior_cond_gain_bits": round(gain.get("cond_gain_bits", 0.0), 5),
         "sample_class_accuracy": round(judged["class_accuracy"], 4),
         "sample_class_accuracy_per_class": [round(a, 3) for a in judged["per_class"]],
         "samples_judged": judged["n_samples"],
