@@ -21,7 +21,6 @@ quick smoke run). Prints one JSON object and writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import default_out, emit
+from _common import emit, parser, setup
 
 import vqgen
 from vqgen.core.config import parse_config
@@ -42,7 +41,6 @@ from vqgen.plugins.shapes import ShapesDataset
 from vqgen.plugins.vqgan import VQGAN
 from vqgen.plugins.vqgan.losses import load_lpips
 
-RESULTS = Path(__file__).parent / "results" / "tokenizer_quality.json"
 RESOLUTION = 32
 HELD_OUT = 512
 THREADS = 2
@@ -220,15 +218,10 @@ def scaled(train: dict[str, Any], scale: float) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply every step budget")
-    ap.add_argument("--out", type=Path, default=None,
-                    help=f"default: {RESULTS}; with --scale other than 1: results/smoke/")
+    ap = parser(__doc__, "tokenizer_quality")
+    ap.set_defaults(threads=THREADS)
     args = ap.parse_args()
-    if args.out is None:
-        args.out = default_out("tokenizer_quality", args.scale)
-
-    torch.set_num_threads(THREADS)
+    setup(args)  # --out by --scale, --threads (default THREADS)
     t0 = time.perf_counter()
     reg = registry()
     x = held_out()
