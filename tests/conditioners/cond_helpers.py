@@ -97,7 +97,8 @@ def train_prior(
     pipe.prior.train()
     losses = []
     for _ in range(steps):
-        cond = drop_condition(pipe.conditioner, own, cond_dropout, g) + pipe.cond_offset
+        cond = pipe.align_cond(drop_condition(pipe.conditioner, own, cond_dropout, g)
+                               + pipe.cond_offset)  # (B, Lc) in the prior's order
         loss = pipe.prior(seq, cond)
         opt.zero_grad()
         loss.backward()

@@ -163,3 +163,36 @@ def test_cond_stage_trains_with_the_stage1_loop() -> None:
     cond = make("depth")
     cond.tokenizer.load_state_dict(trained.state_dict())
     assert cond.tokens(shapes_batch(2)).shape == (2, 64)
+
+
+class AlignedRecordingPrior(RecordingPrior):
+    """A prior that takes a spatial condition cell by cell in its sequence order."""
+
+    aligned_condition = True
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_aligned_priors_get_the_spatial_condition_in_their_ordering(aligned: bool) -> None:
+    from vqgen.core.training import _Tokens
+
+    cond = make("depth")
+    prior = (AlignedRecordingPrior if aligned else RecordingPrior)(cond.vocab_size)
+    ordering = vqgen.create("ordering", "spiral_out")
+    pipe = Pipeline(StubTokenizer(), prior, grid=(8, 8), sampler=sampler(), conditioner=cond,
+                    ordering=ordering)
+    small = condition_of("depth", shapes_batch(2), 2)
+    grid = cond.grid(small)  # (2, 8, 8), row-major cells
+    want = (ordering.flatten(grid) if aligned else grid.reshape(2, 64)) + V  # (2, 64)
+    pipe.generate(2, condition=small, seed=0)
+    assert torch.equal(prior.conds[0], want)
+    assert torch.equal(pipe.cond_tokens(small), want)
+    # training reads the token cache in the same order (conditioner ids, not yet offset)
+    cache = [{"codes": torch.zeros(8, 8, dtype=torch.long), "cond": grid[i].reshape(64)}
+             for i in range(2)]
+    items = _Tokens(cache, pipe)  # type: ignore[arg-type]
+    assert torch.equal(torch.stack([items[i]["cond"] for i in range(2)]) + V, want)
+    # a class condition (Lc = 1) is never permuted
+    label = make("class")
+    pipe = Pipeline(StubTokenizer(), AlignedRecordingPrior(label.vocab_size), grid=(8, 8),
+                    sampler=sampler(), conditioner=label, ordering=ordering)
+    assert pipe.cond_tokens({"label": torch.tensor([2, 3])}).tolist() == [[V + 2], [V + 3]]

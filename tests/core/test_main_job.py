@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -303,6 +304,24 @@ def test_spatial_conditioner_trains_its_cond_stage_from_the_config(tmp_path: Pat
     assert main(["sample", str(run), "--n", "2", "--cond", str(tmp_path / "d.png"),
                  "-o", str(out), "--singles", str(tmp_path / "one")]) == 0
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["0000.png", "0001.png"]
+    # without --cond: held-out conditions, each row condition | 4 samples | real image
+    sheet = tmp_path / "sheet.png"
+    assert main(["sample", str(run), "--n", "8", "-o", str(sheet)]) == 0
+    grid = torch.from_numpy(np.array(Image.open(sheet))).float()  # (H, W, 3)
+    assert tuple(grid.shape) == (2 * 34 + 2, 6 * 34 + 2, 3)
+    held = vqgen.create("dataset", "shapes", {"resolution": 32, "split": "val", "length": 2})
+
+    def tile(r: int, c: int) -> torch.Tensor:
+        return grid[2 + 34 * r : 34 + 34 * r, 2 + 34 * c : 34 + 34 * c].permute(2, 0, 1)
+
+    def u8(x: torch.Tensor) -> torch.Tensor:
+        return ((x.clamp(-1, 1) + 1) * 127.5).round()
+
+    for r in range(2):
+        real = held[r]["image"]
+        assert torch.allclose(tile(r, 5), u8(real), atol=1)  # the real image, last
+        shown = pipe.conditioner.condition_input({"depth": held[r]["depth"][None]})[0]
+        assert torch.allclose(tile(r, 0), u8(shown).expand(3, -1, -1), atol=1)
 
 
 # -----------------------------------------------------------------------------

@@ -137,9 +137,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from vqgen.core.registry import default_registry
     from vqgen.core.runs import load_run
 
+    if args.n < 1:
+        raise VqgenError(f"--n must be at least 1, got {args.n}")
     pipe = load_run(args.run_dir)
     sampler = None
-    if args.sampler or args.k is not None or args.p is not None or args.temperature is not None:
+    if (args.sampler or args.k is not None or args.p is not None
+            or args.temperature is not None or args.sampler_param):
         cfg = pipe.config.sampler  # type: ignore[attr-defined]
         name = args.sampler or (cfg.name if cfg else "top_k")
         params = dict(cfg.params) if cfg and cfg.name == name else {}
@@ -158,6 +161,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         size = (h, w)
     condition, nrow = None, min(args.n, 8)
     n_classes = getattr(pipe.conditioner, "n_classes", None)
+    if not args.cond and getattr(pipe.conditioner, "spatial", False):
+        if size is not None:
+            raise VqgenError("--size with a spatial condition needs --cond FILE of that size")
+        return _sample_held_out(pipe, args, sampler)
     if args.cond:
         condition = _read_conds(pipe, args.cond)
     elif args.class_id is not None:
@@ -179,6 +186,22 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             save_image_grid(image[None], Path(args.singles) / f"{i:04d}.png", nrow=1, padding=0)
     note = f" (acceptance {out.acceptance:.3f})" if out.acceptance is not None else ""
     print(f"wrote {n} samples to {path}{note}")
+    return 0
+
+
+def _sample_held_out(pipe: Any, args: argparse.Namespace, sampler: Any) -> int:
+    """A spatially conditioned run without ``--cond``: conditions from the held-out
+    split, one row each: condition | samples | the real image."""
+    from vqgen.core.data import save_image_grid
+    from vqgen.evaluation import condition_sheet
+
+    per_row = min(args.n, 4)
+    rows = max(1, args.n // per_row)
+    sheet = condition_sheet(pipe, rows=rows, per_row=per_row, seed=args.seed, sampler=sampler,
+                            guidance=args.guidance)
+    path = save_image_grid(sheet, args.output, nrow=per_row + 2)
+    print(f"wrote {rows * per_row} samples for {rows} held-out conditions to {path} "
+          "(each row: condition | samples | real image)")
     return 0
 
 

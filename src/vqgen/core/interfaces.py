@@ -229,10 +229,16 @@ class Prior(Component, nn.Module):
     ``logits(seq, cond)[:, :n]`` for any ``n`` (a sequence model that needs no
     future positions, e.g. a transformer); the sliding window then feeds only the
     part of the window before the predicted token.
+
+    ``aligned_condition = True`` declares that a spatial condition (``Lc = L``) is
+    taken cell by cell in the prior's *sequence order* (``cond[:, i]`` belongs to the
+    cell of ``seq[:, i]``), so the pipeline permutes it with the ordering; otherwise
+    spatial condition tokens come in row-major order, as conditioners make them.
     """
 
     vocab_size: int
     prefix_logits: ClassVar[bool] = False
+    aligned_condition: bool = False
 
     @abstractmethod
     def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

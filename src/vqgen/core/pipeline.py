@@ -154,10 +154,19 @@ class Pipeline(nn.Module):
         return batch
 
     def cond_tokens(self, batch: Mapping[str, Any] | None) -> torch.Tensor | None:
-        """Condition tokens ``[B, Lc]``, offset into the prior's id range."""
+        """Condition tokens ``[B, Lc]``, offset into the prior's id range (and, for a
+        prior that takes a spatial condition aligned, in its sequence order)."""
         if batch is None or self.conditioner is None:
             return None
-        return self.conditioner.tokens(batch) + self.cond_offset  # (B, Lc)
+        return self.align_cond(self.conditioner.tokens(batch) + self.cond_offset)  # (B, Lc)
+
+    def align_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """Row-major spatial condition tokens ``[B, h*w]`` → the prior's sequence order,
+        where the prior takes them aligned (``Prior.aligned_condition``); else as given."""
+        h, w = self.grid
+        if not getattr(self.prior, "aligned_condition", False) or cond.shape[1] != h * w:
+            return cond
+        return self.ordering.flatten(cond.reshape(cond.shape[0], h, w))  # (B, h*w)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

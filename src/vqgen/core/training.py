@@ -800,10 +800,12 @@ def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.1,
 
 
 class _Tokens(Dataset):
-    """A token cache as ``{"seq": [L], "cond": [Lc]}`` items in the prior's order."""
+    """A token cache as ``{"seq": [L], "cond": [Lc]}`` items in the prior's order (a
+    spatial condition too, where the prior takes it aligned)."""
 
-    def __init__(self, cache: TokenCache, ordering: Any) -> None:
-        self.cache, self.ordering = cache, ordering
+    def __init__(self, cache: TokenCache, pipe: Pipeline) -> None:
+        self.cache, self.ordering = cache, pipe.ordering
+        self.align = bool(getattr(pipe.prior, "aligned_condition", False))
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -812,7 +814,11 @@ class _Tokens(Dataset):
         item = self.cache[i]
         out = {"seq": self.ordering.flatten(item["codes"][None])[0]}  # (L,)
         if "cond" in item:
-            out["cond"] = item["cond"]
+            cond = item["cond"]  # (Lc,)
+            if self.align and cond.shape[0] == out["seq"].shape[0] > 1:
+                h, w = item["codes"].shape
+                cond = self.ordering.flatten(cond.reshape(1, h, w))[0]  # (L,)
+            out["cond"] = cond
         return out
 
 
@@ -859,7 +865,7 @@ def token_nll(pipe: Pipeline, cache: TokenCache, batch_size: int = 64, *,
     prior.eval()
     device = pipe.device
     total, count = 0.0, 0
-    data = _Tokens(cache, pipe.ordering)
+    data = _Tokens(cache, pipe)
     n = len(data)
     for i in range(0, n, batch_size):
         items = [data[j] for j in range(i, min(i + batch_size, n))]
@@ -994,7 +1000,7 @@ def train_prior(
         torch.manual_seed(cfg.seed * 1_000_003 + info.rank + start)
     metrics = MetricsLogger(run / METRICS_FILE if run and info.main else None)
     stream: Iterator[Mapping[str, torch.Tensor]] = batch_stream(
-        _Tokens(cache, pipe.ordering), cfg.batch_size, seed=cfg.seed,
+        _Tokens(cache, pipe), cfg.batch_size, seed=cfg.seed,
         start=start * cfg.grad_accum, num_workers=cfg.num_workers,
         rank=info.rank, world=info.world,
     )

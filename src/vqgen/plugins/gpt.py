@@ -30,6 +30,15 @@ raises a ``ValueError`` that says how large ``block_size`` must be.
 
 The training loss (``forward``) and ``nll`` cover the ``L`` image tokens only: no output is
 computed, let alone scored, for the positions whose next token is a condition token.
+
+Condition fusion (``cond_fusion``): ``"prefix"`` (taming's layout, above) spends ``Lc``
+positions on the condition, which the transformer must learn to look up by attention.
+``"add"`` spends none: the condition's embedding is added to the input of the position that
+predicts each image token, so the input is ``[start, seq[:, :-1]]`` and ``block_size = L``.
+A condition of ``Lc = 1`` (a class) is added at every position; one of ``Lc = L`` (a spatial
+map, which the pipeline hands over in the prior's ordering) is aligned cell by cell: the
+position that predicts the token of cell ``(i, j)`` sees the condition token of that cell
+(the "aligned fusion" of ControlAR-style models). Both use the one embedding table.
 """
 
 from __future__ import annotations
@@ -65,6 +74,11 @@ class GPTParams(ParamsModel):
     attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     start_token: Annotated[int, Field(ge=0)] | Literal["learned"] = Field(
         "learned", description="table id fed as start token, or 'learned': a row of its own"
+    )
+    cond_fusion: Literal["prefix", "add"] = Field(
+        "prefix",
+        description="prefix: condition tokens lead the sequence (taming); add: the "
+        "condition embedding is added at every position (a class) or cell by cell (a map)",
     )
 
     @model_validator(mode="after")
@@ -115,6 +129,7 @@ class GPTState:
     caches: list[KVCache]
     pending: torch.Tensor | None  # (B, V): logits for the first image token, until taken
     batch_size: int
+    added: torch.Tensor | None = None  # (B, 1 or L, C): cond_fusion="add" embeddings
 
 
 class CausalSelfAttention(nn.Module):
@@ -192,6 +207,7 @@ class GPT(Prior):
         attn_pdrop: float = 0.0,
         attention: Literal["auto", "xformers", "sdpa", "math"] = "auto",
         start_token: int | Literal["learned"] = "learned",
+        cond_fusion: Literal["prefix", "add"] = "prefix",
     ) -> None:
         super().__init__(
             vocab_size=vocab_size,
@@ -205,12 +221,15 @@ class GPT(Prior):
             attn_pdrop=attn_pdrop,
             attention=attention,
             start_token=start_token,
+            cond_fusion=cond_fusion,
         )
         p = self.params
         assert isinstance(p, GPTParams)
         self.vocab_size = p.vocab_size
         self.cond_vocab_size = p.cond_vocab_size
         self.block_size = p.block_size
+        self.cond_fusion = p.cond_fusion
+        self.aligned_condition = p.cond_fusion == "add"
         learned = p.start_token == "learned"
         rows = p.vocab_size + p.cond_vocab_size + learned
         self.start_id = rows - 1 if learned else int(p.start_token)
@@ -250,7 +269,8 @@ class GPT(Prior):
 
     # -- inputs -------------------------------------------------------------
     def _prefix(self, cond: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """The condition tokens ``[B, Lc]``, or the start token ``[B, 1]``."""
+        """The condition tokens ``[B, Lc]``, or the start token ``[B, 1]`` (always, with
+        ``cond_fusion="add"``, where the condition is not part of the sequence)."""
         if cond is not None and cond.shape[-1] > 0:
             if cond.ndim != 2 or cond.shape[0] != batch_size:
                 raise ValueError(
@@ -258,9 +278,23 @@ class GPT(Prior):
                 )
             if cond.dtype != torch.long:
                 raise TypeError(f"cond must be int64 token ids, got {cond.dtype}")
-            return cond
+            if not self.aligned_condition:
+                return cond
         device = self.pos_emb.device
         return torch.full((batch_size, 1), self.start_id, dtype=torch.long, device=device)
+
+    def _added(self, cond: torch.Tensor | None, length: int) -> torch.Tensor | None:
+        """``cond_fusion="add"``: the condition's embeddings ``[B, 1 or L, C]`` (else None)."""
+        if not self.aligned_condition or cond is None or cond.shape[-1] == 0:
+            return None
+        lc = cond.shape[1]
+        if lc != 1 and not length <= lc <= self.block_size:
+            raise ValueError(
+                f"cond_fusion='add' takes one condition token (added at every position) or "
+                f"one per image token (L={length}, at most block_size={self.block_size}), "
+                f"got Lc={lc}; a spatial condition must have the image's latent grid"
+            )
+        return self.tok_emb(cond[:, : max(length, 1)])  # (B, 1 or L, C): a prefix's own cells
 
     def _check(self, seq: torch.Tensor, prefix: torch.Tensor, *, is_cond: bool) -> None:
         """Shapes, dtypes, id ranges (one device sync) and the block size.
@@ -271,11 +305,14 @@ class GPT(Prior):
         if seq.ndim != 2 or seq.dtype != torch.long:
             raise ValueError(f"seq must be [B, L] int64, got {tuple(seq.shape)} {seq.dtype}")
         n = prefix.shape[1] + seq.shape[1] - 1
+        if self.aligned_condition:
+            n = max(seq.shape[1], 1)
         if n > self.block_size:
             raise ValueError(
                 f"sequence too long for GPT block_size={self.block_size}: "
                 f"{prefix.shape[1] if is_cond else 0} condition + {seq.shape[1]} image tokens "
-                f"need max(Lc, 1) + L - 1 = {n} positions; raise block_size to at least {n}"
+                f"need {'L' if self.aligned_condition else 'max(Lc, 1) + L - 1'} = {n} "
+                f"positions; raise block_size to at least {n}"
             )
         lo, hi = self._cond_range()
         bad_seq = ((seq < 0) | (seq >= self.vocab_size)).any()
@@ -293,6 +330,14 @@ class GPT(Prior):
                 f"[{int(seq.min())}, {int(seq.max())}]"
             )
 
+    def _check_ids(self, seq: torch.Tensor, prefix: torch.Tensor,
+                   cond: torch.Tensor | None) -> None:
+        """:meth:`_check` of the sequence and of the condition, wherever it enters."""
+        if self.aligned_condition and cond is not None and cond.shape[-1] > 0:
+            self._check(seq, cond, is_cond=True)
+        else:
+            self._check(seq, prefix, is_cond=prefix is cond)
+
     def _cond_range(self) -> tuple[int, int]:
         """Valid condition ids: their own range, or the shared table (taming's layout)."""
         if self.cond_vocab_size == 0:
@@ -300,10 +345,16 @@ class GPT(Prior):
         return self.vocab_size, self.vocab_size + self.cond_vocab_size
 
     # -- the transformer ----------------------------------------------------
-    def hidden(self, idx: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def hidden(
+        self,
+        idx: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        added: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Transformer features ``[B, T, n_embd]`` (after ``ln_f``) of input ids ``[B, T]``.
 
-        With ``caches`` the ids continue the positions already cached.
+        With ``caches`` the ids continue the positions already cached. ``added [B, 1 or T,
+        C]`` is added to the input embeddings (``cond_fusion="add"``).
         """
         t0 = caches[0].length if caches else 0
         t = idx.shape[1]
@@ -312,6 +363,8 @@ class GPT(Prior):
                 f"GPT block_size={self.block_size} exhausted: {t0 + t} positions requested"
             )
         x = self.tok_emb(idx) + self.pos_emb[:, t0 : t0 + t]  # (B, T, C)
+        if added is not None:
+            x = x + added  # (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, caches[i] if caches else None)  # (B, T, C)
@@ -324,11 +377,11 @@ class GPT(Prior):
         """
         b, n = seq.shape[0], seq.shape[-1]
         prefix = self._prefix(cond, b)  # (B, P)
-        self._check(seq, prefix, is_cond=prefix is cond)
+        self._check_ids(seq, prefix, cond)
         if n == 0:
             return seq.new_zeros(b, 0, self.vocab_size, dtype=self.head.weight.dtype)
         idx = torch.cat([prefix, seq[:, :-1]], dim=1)  # (B, P + L - 1)
-        h = self.hidden(idx)  # (B, P + L - 1, C)
+        h = self.hidden(idx, added=self._added(cond, n))  # (B, P + L - 1, C)
         return self.head(h[:, prefix.shape[1] - 1 :])  # (B, L, V): image positions only
 
     def forward(
@@ -352,10 +405,13 @@ class GPT(Prior):
     def start(self, cond: torch.Tensor | None, batch_size: int) -> GPTState:
         """Consume the condition (or the start token) into fresh KV caches."""
         prefix = self._prefix(cond, batch_size)  # (B, P)
-        self._check(prefix.new_zeros(batch_size, 1), prefix, is_cond=prefix is cond)
+        self._check_ids(prefix.new_zeros(batch_size, 1), prefix, cond)
         caches = [KVCache(self.block_size) for _ in self.blocks]
-        h = self.hidden(prefix, caches)  # (B, P, C)
-        return GPTState(caches, self.head(h[:, -1]), batch_size)  # pending: (B, V)
+        added = None
+        if self.aligned_condition and cond is not None and cond.shape[-1] > 0:
+            added = self.tok_emb(cond)  # (B, 1 or L, C); L is checked as decoding goes
+        h = self.hidden(prefix, caches, None if added is None else added[:, :1])  # (B, P, C)
+        return GPTState(caches, self.head(h[:, -1]), batch_size, added)  # pending: (B, V)
 
     @torch.no_grad()
     def step(self, state: GPTState, token: torch.Tensor | None) -> tuple[torch.Tensor, GPTState]:
@@ -371,5 +427,12 @@ class GPT(Prior):
         if state.pending is not None:
             raise ValueError("the first step() after start() takes token=None")
         token = token.reshape(state.batch_size, 1)  # (B, 1)
-        h = self.hidden(token, state.caches)  # (B, 1, C)
+        added = state.added
+        if added is not None and added.shape[1] > 1:
+            t = state.caches[0].length
+            if t >= added.shape[1]:
+                raise ValueError(f"the aligned condition has {added.shape[1]} tokens; "
+                                 f"cannot decode position {t}")
+            added = added[:, t : t + 1]  # (B, 1, C)
+        h = self.hidden(token, state.caches, added)  # (B, 1, C)
         return self.head(h[:, -1]), state  # (B, V)

@@ -9,8 +9,13 @@ Each image holds 1..``max_shapes`` shapes of the classes ``circle``, ``square``,
 ``star``, ``triangle`` (sorted, as a folder written by :func:`write_shapes` lists
 them), each with a random colour (kept apart from the background's mean
 colour), size, position and rotation, over a flat, linear-gradient or noise
-texture background. Edges are anti-aliased: coverage is exact along x and
-sampled on 8 sub-rows per pixel along y.
+texture background (``background="textured"``, the default). Two params make
+the shape carry the picture instead of the colours, for small CPU budgets:
+``background="flat"`` (one random flat colour) or ``"gray"`` (a flat grey of
+random level in [0.4, 0.6]), and ``palette=N`` (shape colours drawn from the
+first ``N`` of the eight corners of the RGB cube instead of the whole cube).
+Class, size, position and rotation stay random in every setting. Edges are
+anti-aliased: coverage is exact along x and sampled on 8 sub-rows per pixel along y.
 
 The *main* shape, whose class is ``"label"``, is the largest (its circumradius
 is 0.22–0.4 × resolution; every other shape is 0.35–0.65 × as large) and the
@@ -71,6 +76,11 @@ SKELETON: list[tuple[int, int]] = [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2), (2, 3
 _SPLIT_STREAM = {"train": 0, "val": 1}
 _SUBROWS = 8  # vertical anti-aliasing samples per pixel row
 _STAR_INNER = 0.45  # inner / outer radius of the five-pointed star (a pentagram has 0.38)
+# shape colours of palette=N: the first N corners of the RGB cube
+_PALETTE = np.array(
+    [[1, 0, 0], [0, 0, 1], [1, 1, 0], [0, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1], [0, 0, 0]],
+    np.float32,
+)
 
 
 # -----------------------------------------------------------------------------
@@ -220,6 +230,15 @@ class ShapesDataset(Component, Dataset):
         seed: int = Field(0, ge=0)
         split: Literal["train", "val"] = "train"
         max_shapes: int = Field(1, ge=1, le=4)
+        background: Literal["textured", "flat", "gray"] = Field(
+            "textured", description="textured: flat, gradient or noise (the default); flat: "
+            "one random colour; gray: a flat grey of random level in [0.4, 0.6]"
+        )
+        palette: int = Field(
+            0, ge=0, le=len(_PALETTE),
+            description="0: shape colours anywhere in the RGB cube; N: the first N corners "
+            "of the RGB cube (red, blue, yellow, green, magenta, cyan, white, black)",
+        )
 
     def __init__(
         self,
@@ -228,9 +247,12 @@ class ShapesDataset(Component, Dataset):
         seed: int = 0,
         split: Literal["train", "val"] = "train",
         max_shapes: int = 1,
+        background: Literal["textured", "flat", "gray"] = "textured",
+        palette: int = 0,
     ) -> None:
         super().__init__(
-            resolution=resolution, length=length, seed=seed, split=split, max_shapes=max_shapes
+            resolution=resolution, length=length, seed=seed, split=split, max_shapes=max_shapes,
+            background=background, palette=palette,
         )
         self.classes = list(CLASSES)
         self.keypoint_names = list(KEYPOINT_NAMES)
@@ -257,6 +279,13 @@ class ShapesDataset(Component, Dataset):
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         """A flat, gradient or noise-texture background, float32 ``(H, W, 3)`` in [0, 1]."""
         n, u = self.params.resolution, self._u
+        if self.params.background != "textured":
+            img = np.empty((n, n, 3), np.float32)
+            if self.params.background == "gray":
+                img[:] = np.float32(rng.uniform(0.4, 0.6))
+            else:
+                img[:] = rng.random(3, np.float32)
+            return img
         kind = int(rng.integers(3))
         if kind == 0:  # flat
             img = np.empty((n, n, 3), np.float32)
@@ -313,9 +342,12 @@ class ShapesDataset(Component, Dataset):
                 y0, y1, x0, x1, cov = _circle_coverage(cx, cy, r, size)
             else:
                 y0, y1, x0, x1, cov = _polygon_coverage(poly @ rot.T + centres[j], size)
-            dist = np.linalg.norm(colours[j] - bg_mean, axis=1)  # (4,)
+            candidates = colours[j]  # (4, 3)
+            if p.palette:
+                candidates = _PALETTE[rng.integers(0, p.palette, 4)]  # (4, 3)
+            dist = np.linalg.norm(candidates - bg_mean, axis=1)  # (4,)
             far_enough = np.nonzero(dist > 0.4)[0]
-            col = colours[j, far_enough[0] if len(far_enough) else int(dist.argmax())]
+            col = candidates[far_enough[0] if len(far_enough) else int(dist.argmax())]
             if cov.size:
                 a = cov[..., None]  # (h, w, 1)
                 img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1 - a) + col * a
