@@ -104,12 +104,15 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
         ("per-token cost max/min", "ratio_max_min"),
     ],
     "conditioning": [
-        *((f"{c}: NLL gain from the condition (bits/token)", f"summary.{c}.gap_bits")
+        *((f"{d} data, {c}: closure of the fidelity gap (pass >= 0.5)",
+           f"closures.{d}.{c}.closure")
+          for d in ("default", "demo")
           for c in ("class", "segmentation", "depth", "edge", "pose", "lowres")),
-        ("class accuracy of class-conditional samples", "summary.class.accuracy.samples"),
-        ("segmentation mIoU of samples", "summary.segmentation.miou.samples"),
-        ("edge F1 of samples", "summary.edge.f1.samples"),
-        ("low-res PSNR of samples (dB)", "summary.lowres.psnr_db.samples"),
+        *((f"{d} data, {c}: NLL gain from the condition (bits/token)",
+           f"settings.{d}.summary.{c}.gap_bits")
+          for d in ("default", "demo") for c in ("class", "lowres")),
+        *((f"{d} data: class accuracy of class-conditional samples",
+           f"settings.{d}.summary.class.accuracy.samples") for d in ("default", "demo")),
     ],
     "cuda": [],
 }

@@ -271,6 +271,30 @@ class _Alien:
     """Something only pickle can store."""
 
 
+def _tree_hash(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "prior"])
+def test_a_stage_without_meta_json_is_refused_not_retrained(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str
+) -> None:
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / stage / "meta.json").unlink()
+    before = _tree_hash(damaged)
+    cfg = damaged / "config.yaml"
+    assert main(["train", str(cfg), "--run-dir", str(damaged), "--resume"]) == 2
+    err = _err(capsys)
+    assert f"{damaged / stage}" in err and "no meta.json" in err and "Traceback" not in err
+    assert _tree_hash(damaged) == before  # nothing retrained, nothing overwritten
+
+
 # -----------------------------------------------------------------------------
 # a cond stage from a config
 

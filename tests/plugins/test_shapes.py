@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 import vqgen
@@ -183,3 +184,26 @@ def test_writer_refuses_a_non_empty_directory(tmp_path: Path) -> None:
     assert json.loads((out / "shapes.json").read_text())["params"]["split"] == "val"
     with pytest.raises(VqgenError, match="n: "):
         write_shapes(tmp_path / "other", 0, progress=False)
+
+
+def test_gray_background_and_palette_keep_class_geometry_random() -> None:
+    simple = ShapesDataset(length=64, background="gray", palette=2)
+    corners = {(255, 0, 0), (0, 0, 255)}  # the first two palette colours: red, blue
+    labels, colours, centres = [], set(), set()
+    for i in range(64):
+        raw = simple.generate(i)
+        img = raw.image.reshape(-1, 3)
+        bg = raw.segmentation.reshape(-1) == 0
+        # the background is exactly mid-grey away from the anti-aliased edges
+        assert (np.abs(img[bg].astype(int) - 128) <= 1).mean() > 0.9
+        inside = raw.segmentation.reshape(-1) > 0
+        solid = {tuple(c) for c in img[inside] if tuple(c) in corners}
+        assert solid, i  # shapes are painted in palette colours only
+        colours |= solid
+        labels.append(raw.label)
+        centres.add(tuple(np.round(raw.keypoints[0, 0, :2])))
+    assert colours == corners and set(labels) == {0, 1, 2, 3} and len(centres) > 50
+    with pytest.raises(ValidationError):
+        ShapesDataset(palette=9)
+    with pytest.raises(ValidationError):
+        ShapesDataset(background="noisy")  # type: ignore[arg-type]

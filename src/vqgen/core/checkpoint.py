@@ -19,6 +19,7 @@ safetensors, train state only through ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -265,8 +266,9 @@ def keep_checkpoint(
     """After a checkpoint was written to ``directory``: keep history and the best one.
 
     Adds ``history/step_NNNNNN`` and prunes it to the newest ``keep_last``; when
-    ``val_loss`` is lower than the one in ``best/best.json`` (or there is none),
-    ``best/`` becomes this checkpoint. Returns ``{"history": [...], "best_step": n}``.
+    ``val_loss`` is finite and lower than the one in ``best/best.json`` (or there is no
+    usable one: missing, damaged or not finite), ``best/`` becomes this checkpoint. A
+    non-finite ``val_loss`` never does. Returns ``{"history": [...], "best_step": n}``.
     """
     directory = Path(directory)
     out: dict[str, Any] = {"history": [], "best_step": None}
@@ -279,13 +281,20 @@ def keep_checkpoint(
         out["history"] = [p.name for p in snaps[-keep_last:]]
     best_json = directory / BEST_DIR / "best.json"
     if keep_best and val_loss is not None:
-        try:
-            best = json.loads(best_json.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            best = None
-        if best is None or float(val_loss) < float(best["val_loss"]):
+        best = _read_best(best_json)
+        if math.isfinite(val_loss) and (best is None or float(val_loss) < best[1]):
             _snapshot(directory, directory / BEST_DIR)
             save_json({"step": step, "val_loss": float(val_loss)}, best_json)
-            best = {"step": step}
-        out["best_step"] = best["step"]
+            best = (step, float(val_loss))
+        out["best_step"] = best[0] if best is not None else None
     return out
+
+
+def _read_best(path: Path) -> tuple[int, float] | None:
+    """``(step, val_loss)`` of ``best.json``, or None when missing, damaged or not finite."""
+    try:
+        best = json.loads(path.read_text(encoding="utf-8"))
+        step, loss = int(best["step"]), float(best["val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (step, loss) if math.isfinite(loss) else None

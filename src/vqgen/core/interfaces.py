@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "Component",
     "Conditioner",
+    "InitFromCodeVectors",
     "NoParams",
     "Ordering",
     "ParamsModel",
@@ -105,6 +106,12 @@ class Tokenizer(Component, nn.Module):
     @abstractmethod
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """``[B, h, w]`` int64 codes → ``[B, C, H, W]`` float image."""
+
+    def code_vectors(self) -> torch.Tensor | None:
+        """``[vocab_size, d]`` float: what each code stands for (its codebook entry, a
+        colour), for priors that start their token embeddings from it
+        (:class:`InitFromCodeVectors`); ``None`` where the tokenizer has no such vectors."""
+        return None
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int]:
         """The code-grid size ``(h, w)`` for an image of ``height × width`` pixels."""
@@ -299,6 +306,20 @@ def _multinomial(logits: torch.Tensor, generator: torch.Generator | None) -> tor
     """One draw per row from ``softmax(logits)``: ``[B, V]`` → ``[B]``."""
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@runtime_checkable
+class InitFromCodeVectors(Protocol):
+    """A prior that can start its image-token embeddings from the tokenizer's
+    :meth:`Tokenizer.code_vectors`, so that codes that look alike start alike.
+
+    ``wants_code_vectors`` says whether its params ask for it; the trainer then calls
+    ``init_from_code_vectors(vectors [vocab_size, d])`` once, before training.
+    """
+
+    wants_code_vectors: bool
+
+    def init_from_code_vectors(self, vectors: torch.Tensor) -> None: ...
 
 
 class Sampler(Component):

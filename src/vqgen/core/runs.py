@@ -53,9 +53,22 @@ def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def stage_step(run_dir: Path, stage: str) -> int | None:
-    """The step of the stage's last complete checkpoint, or None."""
+    """The step of the stage's last complete checkpoint, or None (nothing trained yet).
+
+    A stage directory that holds checkpoint files without ``meta.json`` is damaged, and
+    an error: training over it would throw trained weights away.
+    """
     meta = run_dir / stage / "meta.json"
     if not meta.is_file():
+        d = run_dir / stage
+        left = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        if left:
+            raise VqgenError(
+                f"{d} holds {', '.join(left[:5])}{' …' if len(left) > 5 else ''} but no "
+                "meta.json, so the stage's files disagree; nothing was changed. Restore "
+                f"meta.json from a whole checkpoint in {d / 'history'} (or best/), or move "
+                f"{d} away to train the stage afresh"
+            )
         return None
     try:
         return int(json.loads(meta.read_text(encoding="utf-8"))["step"])

@@ -90,6 +90,7 @@ from vqgen.core.checkpoint import (
 from vqgen.core.config import PipelineConfig, StageTrainConfig
 from vqgen.core.data import ConditionInputs, TokenCache
 from vqgen.core.errors import VqgenError
+from vqgen.core.interfaces import InitFromCodeVectors
 from vqgen.core.pipeline import Pipeline, RasterOrder
 from vqgen.core.registry import Registry, default_registry
 
@@ -242,14 +243,17 @@ def make_adam(params: list[Any], lr: float, betas: tuple[float, float], *,
 
 
 def check_finite(step: int, terms: Mapping[str, Any]) -> None:
-    """Raise a :class:`VqgenError` naming the step and the first non-finite loss term."""
-    for name, value in terms.items():
-        v = float(value)
-        if not math.isfinite(v):
-            raise VqgenError(
-                f"non-finite loss at step {step}: {name} = {v}. Lower the learning rate, "
-                "check the data for NaN/inf values, or resume from an earlier checkpoint"
-            )
+    """Raise a :class:`VqgenError` naming the step and the non-finite loss terms: the
+    terms that blew up first, then the total ``loss`` that they make non-finite too."""
+    bad = [(name, float(v)) for name, v in terms.items() if not math.isfinite(float(v))]
+    if not bad:
+        return
+    bad.sort(key=lambda item: item[0] == "loss")  # the parts before their sum
+    named = ", ".join(f"{name} = {v}" for name, v in bad)
+    raise VqgenError(
+        f"non-finite loss at step {step}: {named}. Lower the learning rate, check the data "
+        "for NaN/inf values, or resume from an earlier checkpoint"
+    )
 
 
 def progress_bar(total: int, *, initial: int = 0, desc: str = "", enabled: bool = True) -> tqdm:
@@ -983,6 +987,14 @@ def train_prior(
     grid = (int(cache.codes.shape[1]), int(cache.codes.shape[2]))
     pipe = build_pipeline(config, tokenizer, conditioner, grid, registry).to(device)
     prior = pipe._require_prior()
+    if isinstance(prior, InitFromCodeVectors) and prior.wants_code_vectors:
+        vectors = tokenizer.code_vectors()
+        if vectors is None:
+            raise VqgenError(
+                f"prior.params.tok_emb_init: code_vectors needs a tokenizer with code vectors; "
+                f"{type(tokenizer).__name__} has none (use tok_emb_init: normal)"
+            )
+        prior.init_from_code_vectors(vectors)  # a resumed run then loads its own weights
     if cfg.cond_dropout > 0 and (conditioner is None or conditioner.null_id is None):
         raise VqgenError(
             "train.prior.cond_dropout > 0 needs a conditioner with a null token "

@@ -75,6 +75,11 @@ class GPTParams(ParamsModel):
     start_token: Annotated[int, Field(ge=0)] | Literal["learned"] = Field(
         "learned", description="table id fed as start token, or 'learned': a row of its own"
     )
+    tok_emb_init: Literal["normal", "code_vectors"] = Field(
+        "normal",
+        description="normal: N(0, 0.02) (minGPT); code_vectors: image-code rows from the "
+        "tokenizer's code vectors (randomly projected, same scale): alike codes start alike",
+    )
     cond_fusion: Literal["prefix", "add"] = Field(
         "prefix",
         description="prefix: condition tokens lead the sequence (taming); add: the "
@@ -207,6 +212,7 @@ class GPT(Prior):
         attn_pdrop: float = 0.0,
         attention: Literal["auto", "xformers", "sdpa", "math"] = "auto",
         start_token: int | Literal["learned"] = "learned",
+        tok_emb_init: Literal["normal", "code_vectors"] = "normal",
         cond_fusion: Literal["prefix", "add"] = "prefix",
     ) -> None:
         super().__init__(
@@ -221,6 +227,7 @@ class GPT(Prior):
             attn_pdrop=attn_pdrop,
             attention=attention,
             start_token=start_token,
+            tok_emb_init=tok_emb_init,
             cond_fusion=cond_fusion,
         )
         p = self.params
@@ -230,6 +237,7 @@ class GPT(Prior):
         self.block_size = p.block_size
         self.cond_fusion = p.cond_fusion
         self.aligned_condition = p.cond_fusion == "add"
+        self.wants_code_vectors = p.tok_emb_init == "code_vectors"
         learned = p.start_token == "learned"
         rows = p.vocab_size + p.cond_vocab_size + learned
         self.start_id = rows - 1 if learned else int(p.start_token)
@@ -259,6 +267,22 @@ class GPT(Prior):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def init_from_code_vectors(self, vectors: torch.Tensor) -> None:
+        """Image-code rows of ``tok_emb`` from ``vectors [vocab_size, d]``: centred, mapped
+        to ``n_embd`` by a fixed random Gaussian projection (seed 0, so every rank agrees),
+        and scaled to the table's N(0, 0.02) size; nearby vectors give nearby rows."""
+        if vectors.ndim != 2 or vectors.shape[0] != self.vocab_size:
+            raise ValueError(f"code vectors must be [vocab_size={self.vocab_size}, d], got "
+                             f"{tuple(vectors.shape)}")
+        v = vectors.detach().float().cpu()
+        v = v - v.mean(0)  # (V, d)
+        g = torch.Generator().manual_seed(0)
+        proj = torch.randn(v.shape[1], self.tok_emb.weight.shape[1], generator=g)  # (d, C)
+        e = v @ proj  # (V, C)
+        e = e * (0.02 / e.std().clamp_min(1e-12))
+        self.tok_emb.weight[: self.vocab_size] = e.to(self.tok_emb.weight)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; without ``tok_emb`` and ``pos_emb`` by default."""

@@ -143,6 +143,10 @@ class KMeansTokenizer(Tokenizer):
         self.register_buffer("fit_steps", torch.zeros((), dtype=torch.int64), persistent=False)
 
     # -- tokenizer interface ----------------------------------------------------
+    def code_vectors(self) -> torch.Tensor:
+        """``[K, C]``: each code's centroid colour."""
+        return self.centroids.detach().float().clone()
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` float → ``[B, H, W]`` int64: index of the nearest centroid."""
         b, _, h, w = x.shape

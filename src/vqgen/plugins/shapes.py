@@ -12,7 +12,7 @@ colour), size, position and rotation, over a flat, linear-gradient or noise
 texture background (``background="textured"``, the default). Two params make
 the shape carry the picture instead of the colours, for small CPU budgets:
 ``background="flat"`` (one random flat colour) or ``"gray"`` (a flat grey of
-random level in [0.4, 0.6]), and ``palette=N`` (shape colours drawn from the
+level 0.5), and ``palette=N`` (shape colours drawn from the
 first ``N`` of the eight corners of the RGB cube instead of the whole cube).
 Class, size, position and rotation stay random in every setting. Edges are
 anti-aliased: coverage is exact along x and sampled on 8 sub-rows per pixel along y.
@@ -232,7 +232,7 @@ class ShapesDataset(Component, Dataset):
         max_shapes: int = Field(1, ge=1, le=4)
         background: Literal["textured", "flat", "gray"] = Field(
             "textured", description="textured: flat, gradient or noise (the default); flat: "
-            "one random colour; gray: a flat grey of random level in [0.4, 0.6]"
+            "one random colour; gray: flat mid-grey (0.5)"
         )
         palette: int = Field(
             0, ge=0, le=len(_PALETTE),
@@ -282,7 +282,7 @@ class ShapesDataset(Component, Dataset):
         if self.params.background != "textured":
             img = np.empty((n, n, 3), np.float32)
             if self.params.background == "gray":
-                img[:] = np.float32(rng.uniform(0.4, 0.6))
+                img[:] = np.float32(0.5)
             else:
                 img[:] = rng.random(3, np.float32)
             return img

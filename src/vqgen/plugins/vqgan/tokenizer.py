@@ -171,6 +171,13 @@ class _VQModel(Tokenizer):
         """The tensor the encoder takes, from what the data provides."""
         return x
 
+    @torch.no_grad()
+    def code_vectors(self) -> torch.Tensor:
+        """``[n_embed, embed_dim]``: the quantized latent each code decodes from."""
+        codes = torch.arange(self.vocab_size, device=self.quantize.embedding.weight.device)
+        z = self.quantize.embed_codes(codes.reshape(1, -1, 1))  # (1, embed_dim, V, 1)
+        return z[0, :, :, 0].t().float()  # (V, embed_dim)
+
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's last weight (where the adaptive GAN weight is measured)."""
