@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,3 +118,58 @@ def test_data_write_and_preview(tmp_path: Path) -> None:
     assert main(["data", "preview", "shapes", "-o", str(png), "--per-class", "2"]) == 0
     with Image.open(png) as im:  # 4 classes × (2 samples × 3 tiles of 128 px + padding)
         assert im.size == (6 * 130 + 2, 4 * 130 + 2)
+
+
+# -----------------------------------------------------------------------------
+# -o PATH: never replaces what is not a regular file
+
+
+def _output_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Hostile output paths: (path, what the error must say)."""
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("keep")
+    fifo = tmp_path / "a_fifo"
+    os.mkfifo(fifo)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("keep")
+    return {
+        "directory": (folder, "is a directory"),
+        "fifo": (fifo, "is a FIFO"),
+        "link_to_directory": (_link(tmp_path / "dir_link", folder), "is a directory"),
+        "parent_is_a_file": (blocker / "out.png", "cannot write"),
+    }
+
+
+def _link(link: Path, target: Path) -> Path:
+    link.symlink_to(target)
+    return link
+
+
+def _snapshot(root: Path) -> dict[str, Any]:
+    return {str(p.relative_to(root)): (p.is_symlink(), p.read_bytes() if p.is_file()
+                                       and not p.is_symlink() else None)
+            for p in sorted(root.rglob("*")) if not stat.S_ISFIFO(p.lstat().st_mode)}
+
+
+@pytest.mark.parametrize("case", ["directory", "fifo", "link_to_directory", "parent_is_a_file"])
+@pytest.mark.parametrize("command", [["config", "schema", "-o"],
+                                     ["data", "preview", "shapes", "--per-class", "1", "-o"]])
+def test_hostile_output_paths_exit_2_and_change_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, command: list[str]
+) -> None:
+    path, says = _output_cases(tmp_path)[case]
+    before = _snapshot(tmp_path)
+    assert main([*command, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and str(path) in err and "Traceback" not in err
+    assert _snapshot(tmp_path) == before
+    assert stat.S_ISFIFO((tmp_path / "a_fifo").lstat().st_mode)  # still a FIFO
+
+
+def test_output_through_a_symlink_writes_its_target(tmp_path: Path) -> None:
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    link = _link(tmp_path / "link.json", target)
+    assert main(["config", "schema", "-o", str(link)]) == 0
+    assert link.is_symlink() and json.loads(target.read_text())  # the link kept, target written

@@ -471,3 +471,26 @@ def test_both_stages_train_under_autocast_on_cuda(tmp_path: Path, amp: str) -> N
     records = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r.get("loss", r.get("nll_nats", 0.0))) for r in records)
     assert pipe.to("cuda").generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--n", "0"], "--n must be at least 1, got 0"),
+    (["--n", "-3"], "--n must be at least 1, got -3"),
+])
+def test_sample_refuses_bad_counts(run: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str],
+                                   args: list[str], says: str) -> None:
+    out = tmp_path / "s.png"
+    assert main(["sample", str(run), *args, "-o", str(out)]) == 2
+    err = _err(capsys)
+    assert says in err and "Traceback" not in err and not out.exists()
+
+
+def test_sampler_param_alone_is_used(run: Path, tmp_path: Path) -> None:
+    """--sampler-param k=1 (greedy) draws what --k 1 draws, whatever the seed."""
+    a, b, c = (tmp_path / f"{n}.png" for n in "abc")
+    assert main(["sample", str(run), "--n", "4", "--sampler-param", "k=1", "--seed", "1",
+                 "-o", str(a)]) == 0
+    assert main(["sample", str(run), "--n", "4", "--k", "1", "--seed", "2", "-o", str(b)]) == 0
+    assert main(["sample", str(run), "--n", "4", "--seed", "1", "-o", str(c)]) == 0
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()

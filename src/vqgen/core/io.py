@@ -4,27 +4,53 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from vqgen.core.errors import VqgenError
+
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+
+
+def _target(path: Path) -> Path:
+    """The regular file that writing ``path`` should replace: a symlink's target (written
+    through, the link kept), never a directory, FIFO, device or socket."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if target.exists() and not target.is_file():
+        kind = ("a directory" if target.is_dir() else "a FIFO" if stat.S_ISFIFO(
+            target.stat().st_mode) else "a device" if target.is_block_device()
+            or target.is_char_device() else "not a regular file")
+        shown = f"{path} (→ {target})" if target != path else f"{path}"
+        raise VqgenError(f"refusing to write {shown}: it is {kind}; give a file path")
+    return target
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched. A
+    symlink is written through to its target; a directory, FIFO or device at ``path``
+    is refused, and an OS error (no such folder, no permission, a full disk) becomes a
+    :class:`VqgenError` that names the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    shown = Path(path)
+    path = _target(shown)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise VqgenError(f"cannot write {shown}: {exc.strerror or exc}") from None
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise VqgenError(f"cannot write {shown}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
