@@ -148,7 +148,7 @@ def condition_picture(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 @torch.no_grad()
 def condition_sheet(pipe: Any, rows: int = 8, per_row: int = 4, seed: int = 0,
-                    sampler: Any = None, guidance: float = 1.0,
+                    sampler: Any = None, guidance: float | None = None,
                     held: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Samples of a spatially conditioned run for held-out conditions, laid out as the
     paper's figures: each row is ``condition | per_row samples | the real image``.

@@ -135,6 +135,13 @@ def test_dropout_trains_one_model_for_conditional_and_unconditional_sampling() -
     assert torch.allclose(guided, c, atol=1e-5)
     out = pipe.generate(2, condition=torch.tensor([-1, -1]), seed=0)  # unconditional
     assert out.codes.shape == (2, 8, 8)
+    # the pipeline's guidance (a config's sampling.guidance) is generate's default
+    pipe.guidance = 2.0
+    guided = pipe.generate(2, condition=[0, 1], seed=0).codes
+    assert torch.equal(guided, pipe.generate(2, condition=[0, 1], seed=0, guidance=2.0).codes)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(vqgen.VqgenError, match="guidance must be a finite number"):
+            pipe.generate(2, condition=[0, 1], guidance=bad)
     spatial = make("depth")
     dropped = drop_condition(spatial, spatial.tokens(batch), 1.0)
     assert bool((dropped == spatial.null_id).all()) and dropped.shape == (8, 64)

@@ -236,3 +236,22 @@ def test_arbitrary_text_only_raises_config_error(
         load_config(path, test_registry)
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize(("sampling", "dropout", "says"), [
+    ({"guidance": 2.0}, 0.0, "sampling.guidance: 2.0 needs a prior trained with condition "
+                             "dropout; set train.prior.cond_dropout"),
+    ({"guidance": float("nan")}, 0.1, "sampling.guidance"),
+    ({"guidance": -1.0}, 0.1, "sampling.guidance"),
+    ({"guidanse": 2.0}, 0.1, "sampling.guidanse"),
+])
+def test_sampling_section_is_checked(tmp_path: Path, test_registry: vqgen.Registry,
+                                     sampling: dict[str, Any], dropout: float,
+                                     says: str) -> None:
+    cfg = {**BASE, "sampling": sampling, "train": {"prior": {"cond_dropout": dropout}}}
+    file = write(tmp_path, "s.yaml", yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"(?s)s\.yaml.*" + says.replace(".", r"\.")):
+        load_config(file, test_registry)
+    ok = {**BASE, "sampling": {"guidance": 2.0}, "train": {"prior": {"cond_dropout": 0.1}}}
+    assert parse_config(ok, registry=test_registry).sampling.guidance == 2.0
+    assert parse_config(BASE, registry=test_registry).sampling.guidance == 1.0  # default

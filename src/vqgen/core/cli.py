@@ -299,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp2.add_argument("--p", type=float)
     sp2.add_argument("--temperature", type=float)
     sp2.add_argument("--sampler-param", action="append", default=[], metavar="KEY=VALUE")
-    sp2.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance")
+    sp2.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (default: the config's "
+                     "sampling.guidance)")
     sp2.add_argument("--seed", type=int, default=0)
     sp2.add_argument("--cond", action="append", default=[], metavar="[KEY=]FILE",
                      help="a condition file (map, image, keypoint JSON); KEY defaults to the "

@@ -151,6 +151,16 @@ class TrainConfig(_Strict):
     prior: StageTrainConfig = Field(default_factory=StageTrainConfig)
 
 
+class SamplingConfig(_Strict):
+    """How the trained pipeline samples by default (``vqgen sample`` flags override it)."""
+
+    guidance: float = Field(
+        1.0, ge=0.0, le=100.0,
+        description="classifier-free guidance scale s: logits uncond + s·(cond − uncond); "
+        "1 = plain conditional sampling; s != 1 needs train.prior.cond_dropout > 0",
+    )
+
+
 class PipelineConfig(_Strict):
     """A whole two-stage model: one component per section, plus training settings.
 
@@ -166,11 +176,17 @@ class PipelineConfig(_Strict):
     ordering: ComponentSpec | None = None
     prior: ComponentSpec | None = None
     sampler: ComponentSpec | None = None
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
     def _check_components(self, info: ValidationInfo) -> PipelineConfig:
         ctx = info.context or {}
+        if self.sampling.guidance != 1.0 and self.train.prior.cond_dropout == 0:
+            raise ValueError(
+                f"sampling.guidance: {self.sampling.guidance} needs a prior trained with "
+                "condition dropout; set train.prior.cond_dropout (e.g. 0.1) or guidance: 1"
+            )
         if ctx.get("structure_only"):
             return self
         problems = _resolve_components(self, ctx.get("registry"))

@@ -18,6 +18,7 @@ It owns the seams between the stages:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,8 +76,10 @@ class Pipeline(nn.Module):
         sampler: Sampler | None = None,
         conditioner: Conditioner | None = None,
         cond_offset: int | None = None,
+        guidance: float = 1.0,
     ) -> None:
         super().__init__()
+        self.guidance = float(guidance)  # the default of generate(guidance=None)
         self.tokenizer = tokenizer
         self.prior = prior
         self.conditioner = conditioner
@@ -201,7 +204,7 @@ class Pipeline(nn.Module):
         seed: int | None = None,
         prefix: torch.Tensor | None = None,
         batch_size: int | None = None,
-        guidance: float = 1.0,
+        guidance: float | None = None,
     ) -> Generation:
         """Sample ``n`` images.
 
@@ -211,8 +214,12 @@ class Pipeline(nn.Module):
         result also carries the acceptance rate achieved. ``guidance`` is the
         classifier-free guidance scale ``s``: each step samples from
         ``uncond + s · (cond − uncond)`` logits, the unconditional ones computed with
-        the conditioner's null tokens; ``s = 1`` is plain conditional sampling.
+        the conditioner's null tokens; ``s = 1`` is plain conditional sampling; ``None``
+        takes the pipeline's ``guidance`` (the config's ``sampling.guidance``).
         """
+        guidance = self.guidance if guidance is None else float(guidance)
+        if not math.isfinite(guidance):
+            raise VqgenError(f"guidance must be a finite number, got {guidance}")
         if n < 1:
             raise VqgenError(f"n must be at least 1, got {n}")
         sampler = sampler or self.sampler

@@ -82,7 +82,11 @@ def _claim(run_dir: Path, config: PipelineConfig, registry: Registry) -> None:
     text = dumps_config(config, "yaml", registry)
     if path.is_file():
         old = yaml.safe_load(path.read_text(encoding="utf-8"))
-        diff = config_diff(old, config.to_dict())
+        new = config.to_dict()
+        if isinstance(old, dict):  # sampling settings do not touch training
+            old.pop("sampling", None)
+        new.pop("sampling", None)
+        diff = config_diff(old, new)
         if diff:
             raise VqgenError(
                 f"{run_dir} was trained with a different config; it differs in "
@@ -219,6 +223,6 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
                if config.sampler else None)
     pipe = Pipeline(tokenizer, prior, grid=(int(grid[0]), int(grid[1])), ordering=ordering,
                     sampler=sampler, conditioner=conditioner,
-                    cond_offset=layout.get("cond_offset"))
+                    cond_offset=layout.get("cond_offset"), guidance=config.sampling.guidance)
     pipe.config = config  # type: ignore[attr-defined]
     return pipe.to(map_location).eval()

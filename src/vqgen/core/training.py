@@ -920,7 +920,7 @@ def build_pipeline(
         if config.sampler else None
     )
     return Pipeline(tokenizer, prior, grid=grid, ordering=ordering, sampler=sampler,
-                    conditioner=conditioner)
+                    conditioner=conditioner, guidance=config.sampling.guidance)
 
 
 def _token_caches(config: PipelineConfig, registry: Registry, tokenizer: Any, conditioner: Any,
