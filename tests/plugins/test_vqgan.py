@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.error
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -326,18 +327,59 @@ def test_lpips_random_backbone_loads_offline_and_is_frozen() -> None:
     assert float(logs["perceptual"]) > 0 and not loss_fn.perceptual.training
 
 
-def test_lpips_download_failure_names_both_ways_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    import lpips
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache, and no network: a download attempt fails at once."""
+    from vqgen.plugins.vqgan import losses
 
     def offline(*args: Any, **kwargs: Any) -> None:
-        assert kwargs["pnet_rand"] is False and kwargs["pretrained"] is True
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(lpips, "LPIPS", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    return tmp_path / "hub" / "checkpoints" / losses.VGG16_FILE
+
+
+def test_lpips_download_failure_names_both_ways_out(torch_home: Path) -> None:
     with pytest.raises(VqgenError) as info:
         tiny(perceptual_weight=1.0, pretrained_backbone=True).build_loss()
     msg = str(info.value)
     assert "pretrained_backbone: false" in msg and "perceptual_weight: 0" in msg
+    assert str(torch_home) in msg and "sha256sum" in msg and "397923af" in msg
+
+
+class _Planted:
+    """A pickle that runs code when it is loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_planted_pickle_in_the_hub_cache_is_never_run(torch_home: Path,
+                                                        tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"features.0.weight": _Planted(marker)}, torch_home)
+    with pytest.raises(VqgenError, match=r"is not torchvision's VGG16 file \(SHA-256"):
+        load_lpips(pretrained_backbone=True)
+    assert not marker.exists() and torch_home.is_file()  # not run, left for the user
+
+
+def test_a_vgg16_file_with_the_published_hash_loads_into_the_trunk(
+    torch_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vqgen.plugins.vqgan import losses
+
+    random_trunk = load_lpips(pretrained_backbone=False).net.state_dict()
+    fake = {f"features.{k.split('.', 1)[1]}": torch.randn_like(v)
+            for k, v in random_trunk.items()}
+    torch.save(fake, torch_home)
+    monkeypatch.setattr(losses, "VGG16_SHA256_PREFIX", losses._sha256(torch_home)[:8])
+    net = load_lpips(pretrained_backbone=True).net.state_dict()
+    assert all(torch.equal(net[k], fake[f"features.{k.split('.', 1)[1]}"]) for k in net)
 
 
 def test_invalid_norm_groups_is_a_params_error() -> None:

@@ -21,7 +21,9 @@ tokenizer's weights; the trainer saves only the discriminator.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,34 +47,93 @@ __all__ = [
 # perceptual loss
 
 
+#: torchvision's ImageNet VGG16 file; its name carries the first hex digits of its SHA-256
+VGG16_FILE = "vgg16-397923af.pth"
+VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILE
+VGG16_SHA256_PREFIX = "397923af"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _vgg16_weights() -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet VGG16 state dict, checked against its published hash and read
+    with ``torch.load(weights_only=True)`` (never unpickled otherwise). Downloaded into
+    ``$TORCH_HOME/hub/checkpoints`` when missing and the network allows."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    how = (f"put torchvision's {VGG16_FILE} there (from {VGG16_URL}; check it with "
+           f"`sha256sum {VGG16_FILE}`: the digest must start with {VGG16_SHA256_PREFIX})")
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(VGG16_URL, str(path),
+                                           hash_prefix=VGG16_SHA256_PREFIX, progress=False)
+        except Exception as err:  # offline, refused, a bad download
+            raise VqgenError(f"{path} is missing and could not be downloaded "
+                             f"({type(err).__name__}: {err}); {how}") from None
+    digest = _sha256(path)
+    if not digest.startswith(VGG16_SHA256_PREFIX):
+        raise VqgenError(f"{path} is not torchvision's VGG16 file (SHA-256 {digest[:16]}…); "
+                         f"it was not loaded. Delete it and {how}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise VqgenError(f"{path} could not be read as weights ({type(err).__name__}: {err}); "
+                         f"delete it and {how}") from None
+    return state  # type: ignore[no-any-return]
+
+
 def load_lpips(pretrained_backbone: bool = True) -> nn.Module:
     """``lpips.LPIPS`` with the VGG16 trunk, frozen and in eval mode.
 
     LPIPS' own linear layers always load (they ship with the package). The VGG16
-    trunk is ImageNet-pretrained when ``pretrained_backbone`` (torchvision fetches
-    it into ``$TORCH_HOME/hub/checkpoints`` on first use) and random otherwise.
-    A failure to obtain the weights is a :class:`VqgenError` that names both ways out.
+    trunk is torchvision's ImageNet one when ``pretrained_backbone`` (read from
+    ``$TORCH_HOME/hub/checkpoints``, fetched there on first use, and checked against its
+    published SHA-256 before it is read), random otherwise. Every file is read with
+    ``torch.load(weights_only=True)``. A failure to obtain the weights is a
+    :class:`VqgenError` that names the file, how to check it, and both ways out.
     """
     import lpips
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation notes
-            model = lpips.LPIPS(
-                net="vgg", pretrained=True, pnet_rand=not pretrained_backbone, verbose=False
-            )
-    except Exception as err:  # URLError offline, RuntimeError for a corrupt file, ...
-        raise VqgenError(
-            "could not load the ImageNet-pretrained VGG16 backbone of the LPIPS perceptual "
-            f"loss ({type(err).__name__}: {err}); torchvision downloads it on first use "
-            "into $TORCH_HOME/hub/checkpoints (vgg16-397923af.pth). Without network "
-            "access, put that file there, or set the tokenizer param "
-            "`pretrained_backbone: false` (random VGG backbone; LPIPS' own linear "
-            "weights still load) or `perceptual_weight: 0` (no perceptual loss)"
-        ) from err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation notes
+        # a random trunk and no linear weights: nothing is fetched or unpickled here
+        model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    lin_file = Path(lpips.__file__).parent / "weights" / "v0.1" / "vgg.pth"
+    lin = torch.load(lin_file, map_location="cpu", weights_only=True)
+    _load_exact(model, lin, lin_file)
+    if pretrained_backbone:
+        try:
+            vgg = _vgg16_weights()
+        except VqgenError as err:
+            raise VqgenError(
+                f"could not load the ImageNet-pretrained VGG16 backbone of the LPIPS "
+                f"perceptual loss: {err}. Or set the tokenizer param `pretrained_backbone: "
+                "false` (random VGG backbone; LPIPS' own linear weights still load) or "
+                "`perceptual_weight: 0` (no perceptual loss)"
+            ) from None
+        trunk = {}  # lpips keeps features[i] as net.slice<k>.<i>
+        for name in model.net.state_dict():
+            index_and_leaf = name.split(".", 1)[1]  # "<i>.weight"
+            trunk[name] = vgg[f"features.{index_and_leaf}"]
+        _load_exact(model.net, trunk, Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _load_exact(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load ``state`` into ``module``: every tensor of ``state`` used, shapes equal."""
+    own = module.state_dict()
+    bad = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if bad:
+        raise VqgenError(f"{source} does not match LPIPS-VGG: {', '.join(bad[:5])}")
+    module.load_state_dict(state, strict=False)
 
 
 # -----------------------------------------------------------------------------
