@@ -494,3 +494,36 @@ def test_sampler_param_alone_is_used(run: Path, tmp_path: Path) -> None:
     assert main(["sample", str(run), "--n", "4", "--k", "1", "--seed", "2", "-o", str(b)]) == 0
     assert main(["sample", str(run), "--n", "4", "--seed", "1", "-o", str(c)]) == 0
     assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+
+
+def test_a_second_process_on_a_run_directory_is_refused(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from vqgen.core.runs import run_lock
+
+    busy = tmp_path / "busy"
+    shutil.copytree(run, busy)
+    (busy / "prior" / "meta.json").unlink()  # would be a damaged stage: the lock comes first
+    before = _tree_hash(busy)
+    holder = subprocess.Popen(  # another process holds the run, as a running `vqgen train`
+        [sys.executable, "-c", "import sys, time; from vqgen.core.runs import run_lock\n"
+         "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+         str(busy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        after_hold = _tree_hash(busy)
+        assert main(["train", str(busy / "config.yaml"), "--run-dir", str(busy),
+                     "--resume"]) == 2
+        err = _err(capsys)
+        assert f"{busy} is in use by another vqgen process (pid {holder.pid}" in err
+        assert _tree_hash(busy) == after_hold
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock died with its holder: this process can take it now
+    with run_lock(busy):
+        pass
+    assert {k for k in _tree_hash(busy) if not k.startswith(".lock")} == {
+        k for k in before if not k.startswith(".lock")}

@@ -11,6 +11,8 @@ Layout of a run directory::
     prior/               stage 2: weights.safetensors, meta.json, train_state.pt
     pipeline.json        what `Pipeline.from_run` needs beyond the config: the grid, and
                          optionally cond_offset (0 for taming imports: shared id range)
+    .lock, .lock.owner   held by the process training the run (an OS lock that dies
+                         with it); the owner file names its pid and command line
 
 Stages run in order: tokenizer → cond (only for a conditioner with a tokenizer
 of its own) → token cache → prior. A stage whose ``meta.json`` records the
@@ -22,11 +24,15 @@ named.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import yaml
 
 from vqgen.core.config import PipelineConfig, dumps_config, load_config
@@ -39,6 +45,7 @@ __all__ = ["STAGES", "config_diff", "load_run", "stage_step", "train"]
 
 STAGES = ("tokenizer", "cond", "prior")
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".lock"
 PIPELINE_FILE = "pipeline.json"
 
 
@@ -146,9 +153,60 @@ def train(
 ) -> Pipeline | None:
     """Train the stages of ``config`` into ``run_dir`` (see the module docstring).
 
-    Under ``torchrun`` every process calls this; rank 0 writes the run directory.
+    Under ``torchrun`` every process calls this; rank 0 writes the run directory, and
+    holds its lock (:func:`run_lock`) throughout, so a second ``vqgen train`` on the
+    same directory stops at once with an error naming the holder.
     Returns the trained Pipeline, or ``None`` for a config without a prior.
     """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _train(config, run_dir, stages=stages, resume=resume, registry=registry,
+                      progress=progress)
+    with run_lock(run_dir):
+        return _train(config, run_dir, stages=stages, resume=resume, registry=registry,
+                      progress=progress)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` (an OS file lock, released when the process dies, through
+    ``filelock``); raise a :class:`VqgenError` naming the holder when another process
+    has it. The holder's pid and command line are in ``run_dir/.lock.owner``."""
+    run = Path(run_dir)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VqgenError(f"cannot create the run directory {run}: {exc.strerror}") from None
+    lock = filelock.FileLock(str(run / LOCK_FILE), timeout=0)
+    owner = run / f"{LOCK_FILE}.owner"
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        try:
+            holder = owner.read_text(encoding="utf-8").strip()
+        except OSError:
+            holder = "unknown"
+        raise VqgenError(
+            f"{run} is in use by another vqgen process ({holder}); wait for it to finish or "
+            "stop it, or use another --run-dir"
+        ) from None
+    try:
+        atomic_write_text(owner, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
+
+
+def _train(
+    config: PipelineConfig | str | os.PathLike[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    stages: tuple[str, ...] = STAGES,
+    resume: bool = False,
+    registry: Registry | None = None,
+    progress: bool = True,
+) -> Pipeline | None:
+    """:func:`train` once the run directory is this process's."""
     from vqgen.core.checkpoint import load_component
     from vqgen.core.training import barrier, setup_distributed, train_prior
 
