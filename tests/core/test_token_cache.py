@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,45 @@ def test_unreadable_cache_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "codes.npy").write_bytes(b"not numpy")
     with pytest.raises(vqgen.VqgenError, match="token cache .* is unreadable"):
         TokenCache(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["cond_deleted", "codes_truncated", "meta_of_another"])
+def test_a_damaged_cache_is_refused_on_open_and_rebuilt_by_build(
+    tmp_path: Path, data: torch.utils.data.Dataset, damage: str
+) -> None:
+    import json
+
+    import numpy as np
+
+    tok, cond = WeightedTokenizer(), StubConditioner()
+    build = lambda: TokenCache.build(tmp_path, data, tok, cond,  # noqa: E731
+                                     data={"name": "shapes"}, progress=False)
+    cache = build()
+    codes = np.array(cache.codes)
+    conds = np.array(cache.cond)
+    if damage == "cond_deleted":
+        (cache.path / "cond.npy").unlink()
+        says = "cond.npy (the condition tokens) is missing"
+    elif damage == "codes_truncated":
+        np.save(cache.path / "codes.npy", codes[:10])
+        says = "codes.npy holds 10 grids, meta.json says 40"
+    else:
+        meta = json.loads((cache.path / "meta.json").read_text())
+        (cache.path / "meta.json").write_text(json.dumps({**meta, "key": "0" * 24}))
+        says = "meta.json is for key"
+    with pytest.raises(vqgen.VqgenError, match=re.escape(f"{cache.path} is damaged: {says}")):
+        TokenCache(cache.path)
+    calls = tok.calls
+    with pytest.warns(UserWarning, match="rebuilding it"):
+        again = build()
+    assert tok.calls > calls  # encoded again
+    assert np.array_equal(again.codes, codes) and np.array_equal(again.cond, conds)
+
+
+def test_a_cache_built_without_a_condition_is_not_used_with_one(
+    tmp_path: Path, data: torch.utils.data.Dataset
+) -> None:
+    tok = WeightedTokenizer()
+    plain = TokenCache.build(tmp_path, data, tok, data={"name": "shapes"}, progress=False)
+    with pytest.raises(vqgen.VqgenError, match="built without a condition"):
+        TokenCache(plain.path, with_cond=True)

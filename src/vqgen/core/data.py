@@ -688,7 +688,10 @@ class TokenCache:
     the cache. The condition tokens are the conditioner's own ids (not offset).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, with_cond: bool | None = None) -> None:
+        """Open the cache at ``path``; ``with_cond`` says whether it must hold condition
+        tokens (``None``: as its ``meta.json`` says). A cache whose files disagree with
+        its ``meta.json`` (a file missing, truncated or of another length) is refused."""
         self.path = Path(path)
         try:
             self.meta = json.loads((self.path / "meta.json").read_text())
@@ -697,6 +700,28 @@ class TokenCache:
             self.cond = np.load(cond, mmap_mode="r") if cond.exists() else None  # (N, Lc)
         except (OSError, ValueError) as exc:
             raise VqgenError(f"token cache {self.path} is unreadable ({exc}); delete it") from None
+        problem = self._damage(with_cond)
+        if problem:
+            raise VqgenError(f"token cache {self.path} is damaged: {problem}; delete it (the "
+                             "next training run rebuilds it)")
+
+    def _damage(self, with_cond: bool | None) -> str | None:
+        """What disagrees between the files and ``meta.json``, or None."""
+        meta = self.meta if isinstance(self.meta, dict) else {}
+        n = meta.get("n")
+        if meta.get("key") not in (None, self.path.name):
+            return f"meta.json is for key {meta.get('key')!r}, not {self.path.name!r}"
+        if n is not None and self.codes.shape[0] != n:
+            return f"codes.npy holds {self.codes.shape[0]} grids, meta.json says {n}"
+        recorded = meta.get("has_cond", with_cond)
+        if with_cond is not None and recorded is not None and recorded != with_cond:
+            return "it was built " + ("with" if recorded else "without") + " a condition"
+        if recorded and self.cond is None:
+            return "cond.npy (the condition tokens) is missing"
+        if self.cond is not None and self.cond.shape[0] != self.codes.shape[0]:
+            return (f"cond.npy holds {self.cond.shape[0]} rows, codes.npy "
+                    f"{self.codes.shape[0]}")
+        return None
 
     def __len__(self) -> int:
         return int(self.codes.shape[0])
@@ -738,7 +763,11 @@ class TokenCache:
         key = cls.key(tokenizer, conditioner, data)
         path = Path(root) / key
         if (path / "meta.json").exists():
-            return cls(path)
+            try:
+                return cls(path, with_cond=conditioner is not None)
+            except VqgenError as exc:  # derived data: encode it again
+                warnings.warn(f"{exc}; rebuilding it", DataWarning, stacklevel=2)
+                shutil.rmtree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}."))
         try:
@@ -775,7 +804,8 @@ class TokenCache:
             for mm in (codes_mm, cond_mm):
                 if mm is not None:
                     mm.flush()
-            meta = {"key": key, "n": len(dataset), "data": data, "vocab_size": tokenizer.vocab_size}
+            meta = {"key": key, "n": len(dataset), "data": data, "vocab_size": tokenizer.vocab_size,
+                    "has_cond": cond_mm is not None}
             (tmp / "meta.json").write_text(json.dumps(meta, default=str, indent=2))
             del codes_mm, cond_mm
             os.replace(tmp, path)
