@@ -84,12 +84,20 @@ def test_demo_command_writes_pictures_and_metrics(run: Path) -> None:
                  "--classifier-steps", "5"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"train_wall_s", "tokenizer_psnr_db", "codebook_usage", "prior_val_nll_bits",
-            "prior_cond_gain_bits", "sample_class_accuracy"} <= set(metrics)
+            "prior_cond_gain_bits", "sample_class_accuracy", "real_class_accuracy",
+            "reconstruction_class_accuracy"} <= set(metrics)
     assert isinstance(metrics["prior_cond_gain_bits"], float)
     assert 0.0 <= metrics["sample_class_accuracy"] <= 1.0
+    assert 0.0 <= metrics["reconstruction_class_accuracy"] <= 1.0
     assert metrics["samples_judged"] == 4 * 32
     assert (run / "classifier.safetensors").is_file()
     with Image.open(run / "samples.png") as im:  # one row of 2 per class
         assert im.size == (2 * 34 + 2, 4 * 34 + 2)
     with Image.open(run / "reconstructions.png") as im:  # inputs above reconstructions
         assert im.size == (8 * 34 + 2, 2 * 34 + 2)
+
+
+def test_the_shipped_configs_validate() -> None:
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        assert main(["config", "validate", str(path)]) == 0, path

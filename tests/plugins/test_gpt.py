@@ -52,6 +52,16 @@ def data(lc: int | None, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor | No
     return seq, cond
 
 
+def on_backend(backend: str, m: GPT, seq: torch.Tensor, cond: torch.Tensor | None
+               ) -> tuple[GPT, torch.Tensor, torch.Tensor | None]:
+    """Model and data on the backend's device (xformers: CUDA, skipped without it)."""
+    if backend != "xformers":
+        return m, seq, cond
+    if not xformers_available():
+        pytest.skip("xformers is not installed or does not run on this GPU")
+    return m.cuda(), seq.cuda(), None if cond is None else cond.cuda()
+
+
 def decode_all(m: Any, seq: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """Logits of every position from start/step, feeding the true tokens."""
     state, token, out = m.start(cond, seq.shape[0]), None, []
@@ -106,13 +116,7 @@ def test_names_and_shapes_follow_taming() -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lc", [None, 1, 4])
 def test_kv_cache_equals_full_forward(backend: str, lc: int | None) -> None:
-    m = tiny(attention=backend)
-    seq, cond = data(lc)
-    if backend == "xformers":
-        if not xformers_available():
-            pytest.skip("xformers is not installed or does not run on this GPU")
-        m, seq = m.cuda(), seq.cuda()
-        cond = None if cond is None else cond.cuda()
+    m, seq, cond = on_backend(backend, tiny(attention=backend), *data(lc))
     full = m.logits(seq, cond)  # (B, L, V)
     assert full.shape == (B, L, V)
     torch.testing.assert_close(decode_all(m, seq, cond), full, atol=1e-5, rtol=1e-5)
@@ -259,13 +263,8 @@ def test_generate_runs_without_gradients() -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lc", [None, 1, L])
 def test_added_condition_kv_cache_equals_full_forward(backend: str, lc: int | None) -> None:
-    m = tiny(attention=backend, cond_fusion="add", block_size=L)
-    seq, cond = data(lc)
-    if backend == "xformers":
-        if not xformers_available():
-            pytest.skip("xformers is not installed or does not run on this GPU")
-        m, seq = m.cuda(), seq.cuda()
-        cond = None if cond is None else cond.cuda()
+    m, seq, cond = on_backend(backend, tiny(attention=backend, cond_fusion="add",
+                                            block_size=L), *data(lc))
     full = m.logits(seq, cond)  # (B, L, V): L positions, the block size, whatever Lc
     assert full.shape == (B, L, V)
     torch.testing.assert_close(decode_all(m, seq, cond), full, atol=1e-5, rtol=1e-5)

@@ -158,12 +158,50 @@ def train(
     same directory stops at once with an error naming the holder.
     Returns the trained Pipeline, or ``None`` for a config without a prior.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
-        return _train(config, run_dir, stages=stages, resume=resume, registry=registry,
-                      progress=progress)
-    with run_lock(run_dir):
-        return _train(config, run_dir, stages=stages, resume=resume, registry=registry,
-                      progress=progress)
+    from vqgen.core.checkpoint import load_component
+    from vqgen.core.training import barrier, setup_distributed, train_prior
+
+    registry = registry or default_registry()
+    if not isinstance(config, PipelineConfig):
+        config = load_config(config, registry)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise VqgenError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    lock = run_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    with lock or contextlib.nullcontext():  # the config is valid: now the run is ours
+        info, _ = setup_distributed(config.train.tokenizer.device)
+        run = Path(run_dir)
+        if info.main:
+            _claim(run, config, registry)
+        barrier(info)
+        _stage1(run, config, "tokenizer", stages, resume, registry, progress)
+        conditioner = _conditioner(config, registry)
+        if _has_cond_stage(conditioner):
+            _stage1(run, config, "cond", stages, resume, registry, progress, conditioner)
+        barrier(info)
+        if config.prior is None or "prior" not in stages:
+            return None
+        for stage in ("tokenizer", "cond") if _has_cond_stage(conditioner) else ("tokenizer",):
+            if stage_step(run, stage) is None:
+                raise VqgenError(f"{run} has no trained {stage} stage; train it first "
+                                 f"(--stages {stage})")
+        tokenizer = load_component(run / "tokenizer", registry)
+        if _has_cond_stage(conditioner):
+            _load_cond_tokenizer(run, conditioner)
+        done = stage_step(run, "prior") == config.train.prior.steps
+        if done:
+            return load_run(run, registry)
+        if stage_step(run, "prior") is not None and not resume:
+            raise VqgenError(
+                f"{run / 'prior'} holds an unfinished checkpoint; pass --resume to continue it"
+            )
+        pipe = train_prior(config, tokenizer, conditioner, run, registry=registry,
+                           progress=progress, resume=resume)
+        if info.main:
+            layout = json.dumps({"grid": list(pipe.grid)}) + "\n"
+            atomic_write_text(run / PIPELINE_FILE, layout)
+        barrier(info)
+        return pipe
 
 
 @contextlib.contextmanager
@@ -195,59 +233,6 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
     finally:
         owner.unlink(missing_ok=True)
         lock.release()
-
-
-def _train(
-    config: PipelineConfig | str | os.PathLike[str],
-    run_dir: str | os.PathLike[str],
-    *,
-    stages: tuple[str, ...] = STAGES,
-    resume: bool = False,
-    registry: Registry | None = None,
-    progress: bool = True,
-) -> Pipeline | None:
-    """:func:`train` once the run directory is this process's."""
-    from vqgen.core.checkpoint import load_component
-    from vqgen.core.training import barrier, setup_distributed, train_prior
-
-    registry = registry or default_registry()
-    if not isinstance(config, PipelineConfig):
-        config = load_config(config, registry)
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise VqgenError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
-    info, _ = setup_distributed(config.train.tokenizer.device)
-    run = Path(run_dir)
-    if info.main:
-        _claim(run, config, registry)
-    barrier(info)
-    _stage1(run, config, "tokenizer", stages, resume, registry, progress)
-    conditioner = _conditioner(config, registry)
-    if _has_cond_stage(conditioner):
-        _stage1(run, config, "cond", stages, resume, registry, progress, conditioner)
-    barrier(info)
-    if config.prior is None or "prior" not in stages:
-        return None
-    for stage in ("tokenizer", "cond") if _has_cond_stage(conditioner) else ("tokenizer",):
-        if stage_step(run, stage) is None:
-            raise VqgenError(f"{run} has no trained {stage} stage; train it first "
-                             f"(--stages {stage})")
-    tokenizer = load_component(run / "tokenizer", registry)
-    if _has_cond_stage(conditioner):
-        _load_cond_tokenizer(run, conditioner)
-    done = stage_step(run, "prior") == config.train.prior.steps
-    if done:
-        return load_run(run, registry)
-    if stage_step(run, "prior") is not None and not resume:
-        raise VqgenError(
-            f"{run / 'prior'} holds an unfinished checkpoint; pass --resume to continue it"
-        )
-    pipe = train_prior(config, tokenizer, conditioner, run, registry=registry,
-                       progress=progress, resume=resume)
-    if info.main:
-        atomic_write_text(run / PIPELINE_FILE, json.dumps({"grid": list(pipe.grid)}) + "\n")
-    barrier(info)
-    return pipe
 
 
 def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
