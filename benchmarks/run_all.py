@@ -114,13 +114,20 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
         *((f"{d} data: class accuracy of class-conditional samples",
            f"settings.{d}.summary.class.accuracy.samples") for d in ("default", "demo")),
     ],
-    "cuda": [],
+    "cuda": [
+        ("GPT 24x1024 bf16 training, sdpa, 256 tokens (tokens/s)", "results.0.tokens_per_s"),
+        ("same, model-FLOPs utilisation", "results.0.mfu"),
+        ("same, math attention (tokens/s)", "results.1.tokens_per_s"),
+    ],
 }
 
 
 def get(obj: Any, path: str) -> Any:
     """``obj`` at dotted ``path``, or None."""
     for part in path.split("."):
+        if isinstance(obj, list) and part.isdigit() and int(part) < len(obj):
+            obj = obj[int(part)]
+            continue
         if not isinstance(obj, dict) or part not in obj:
             return None
         obj = obj[part]

@@ -44,3 +44,16 @@ def test_emit_replaces_the_file_whole_and_prints_one_line(
     assert sorted(p.name for p in out.parent.iterdir()) == ["b.json"]
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [
         {"a": 1.5}, {"a": 2}]
+
+
+def test_headline_paths_reach_into_lists_and_nested_settings() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import run_all
+    finally:
+        sys.path.pop(0)
+    result = {"results": [{"tokens_per_s": 5.0}], "closures": {"demo": {"class": {"closure": 0.7}}}}
+    assert run_all.get(result, "results.0.tokens_per_s") == 5.0
+    assert run_all.get(result, "closures.demo.class.closure") == 0.7
+    assert run_all.get(result, "results.3.tokens_per_s") is None
+    assert run_all.get(result, "closures.default.class.closure") is None
