@@ -255,3 +255,22 @@ def test_sampling_section_is_checked(tmp_path: Path, test_registry: vqgen.Regist
     ok = {**BASE, "sampling": {"guidance": 2.0}, "train": {"prior": {"cond_dropout": 0.1}}}
     assert parse_config(ok, registry=test_registry).sampling.guidance == 2.0
     assert parse_config(BASE, registry=test_registry).sampling.guidance == 1.0  # default
+
+
+def test_hostile_config_files_are_refused_quickly(tmp_path: Path) -> None:
+    """An alias bomb, a device behind a symlink, a directory and an oversized file are
+    each a ConfigError naming the file, before anything is expanded or read whole."""
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(12))
+    (tmp_path / "bomb.yaml").write_text(f"data:\n  name: shapes\n  params: {{x: 1}}\n{bomb}")
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "big.yaml").write_text("# " + "x" * (1 << 20) + "\n")
+    cases = {"bomb.yaml": "more than 100 aliases", "zero.yaml": "not a regular file",
+             "dir.yaml": "not a regular file", "big.yaml": "larger than 1 MiB"}
+    for name, reason in cases.items():
+        with pytest.raises(ConfigError, match=reason) as info:
+            load_config(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value)

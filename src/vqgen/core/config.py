@@ -258,19 +258,50 @@ def _format_of(path: Path) -> str:
     return fmt
 
 
+#: the most a config file may hold, and the most YAML aliases (``*name``) in it: a
+#: config is a page of settings, and these bounds stop "billion laughs" files early
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses more than :data:`MAX_YAML_ALIASES` aliases."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases_seen = getattr(self, "aliases_seen", 0) + 1
+            if self.aliases_seen > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name); a "
+                                     "config needs a handful at most")
+        return super().compose_node(parent, index)
+
+
+def _read_config_text(path: Path) -> str:
+    """The text of a config file: a regular file of at most ``MAX_CONFIG_BYTES``."""
+    try:
+        if not path.exists():
+            raise ConfigError(str(path), [("", "file not found")])
+        if not path.is_file():
+            raise ConfigError(str(path), [("", "not a regular file (a directory, device or "
+                                               "FIFO); give a YAML, TOML or JSON file")])
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(str(path), [("", f"larger than {MAX_CONFIG_BYTES >> 20} MiB; "
+                                               "a config is a page of settings")])
+        return raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [("", f"cannot read file: {exc}")]) from None
+
+
 def load_config(path: str | os.PathLike[str], registry: Registry | None = None) -> PipelineConfig:
     """Read a YAML, TOML or JSON pipeline config (by extension) and validate it."""
     path = Path(path)
     fmt = _format_of(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(str(path), [("", "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(str(path), [("", f"cannot read file: {exc}")]) from None
+    text = _read_config_text(path)
     try:
         if fmt == "yaml":
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (a SafeLoader)
         elif fmt == "toml":
             data = tomllib.loads(text)
         else:
