@@ -173,3 +173,22 @@ def test_output_through_a_symlink_writes_its_target(tmp_path: Path) -> None:
     link = _link(tmp_path / "link.json", target)
     assert main(["config", "schema", "-o", str(link)]) == 0
     assert link.is_symlink() and json.loads(target.read_text())  # the link kept, target written
+
+
+@pytest.mark.parametrize(("section", "field", "value"), [
+    ("tokenizer", "ch", 100_000_000), ("tokenizer", "n_embed", 10**9),
+    ("prior", "n_layer", 10_000), ("prior", "block_size", 10**7), ("prior", "n_embd", 10**6),
+])
+def test_absurd_sizes_are_refused_by_validate(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              section: str, field: str, value: int) -> None:
+    import yaml
+
+    cfg = yaml.safe_load((TESTS_DIR.parent / "configs" / "tiny.yaml").read_text())
+    cfg[section]["params"][field] = value
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["config", "validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{section}.params.{field}" in err and "less than or equal" in err
+    assert "Traceback" not in err

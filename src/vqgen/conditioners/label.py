@@ -34,7 +34,9 @@ class ClassConditioner(Conditioner):
     condition_key = "label"
 
     class Params(ParamsModel):
-        n_classes: int = Field(4, ge=1, description="classes of the data: len(dataset.classes)")
+        n_classes: int = Field(
+            4, ge=1, le=1 << 20, description="classes of the data: len(dataset.classes)"
+        )
         null_token: bool = Field(
             True, description="reserve id n_classes for 'no class' (dropout, guidance)"
         )

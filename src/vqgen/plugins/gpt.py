@@ -60,14 +60,17 @@ __all__ = ["GPT", "GPTState", "KVCache"]
 class GPTParams(ParamsModel):
     """Config of :class:`GPT`; Tab. 8 of the paper gives the sizes it used."""
 
-    vocab_size: int = Field(512, ge=1, description="image codes: ids [0, vocab_size)")
+    vocab_size: int = Field(512, ge=1, le=1 << 20, description="image codes: ids [0, vocab_size)")
     cond_vocab_size: int = Field(
-        0, ge=0, description="condition ids [vocab_size, vocab_size + cond_vocab_size)"
+        0, ge=0, le=1 << 20, description="condition ids [vocab_size, vocab_size + cond_vocab_size)"
     )
-    block_size: int = Field(256, ge=1, description="transformer positions: max(Lc, 1) + L - 1")
-    n_layer: int = Field(12, ge=1)
-    n_head: int = Field(8, ge=1)
-    n_embd: int = Field(256, ge=1)
+    block_size: int = Field(
+        256, ge=1, le=1 << 16,
+        description="transformer positions: max(Lc, 1) + L - 1 (cond_fusion add: L)",
+    )
+    n_layer: int = Field(12, ge=1, le=256)
+    n_head: int = Field(8, ge=1, le=256)
+    n_embd: int = Field(256, ge=1, le=16384)
     embd_pdrop: float = Field(0.0, ge=0.0, lt=1.0)
     resid_pdrop: float = Field(0.0, ge=0.0, lt=1.0)
     attn_pdrop: float = Field(0.0, ge=0.0, lt=1.0)

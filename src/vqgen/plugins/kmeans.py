@@ -111,7 +111,7 @@ class KMeansTokenizer(Tokenizer):
     """
 
     class Params(ParamsModel):
-        n_embed: int = Field(512, ge=1, description="K, the number of colour centroids")
+        n_embed: int = Field(512, ge=1, le=1 << 20, description="K, the number of colour centroids")
         in_channels: int = Field(3, ge=1)
         sample_pixels: int = Field(
             16384, ge=1, description="pixels sampled from each mini-batch of images"

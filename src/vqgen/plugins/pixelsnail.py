@@ -51,20 +51,22 @@ __all__ = ["PixelSNAIL", "PixelSNAILState"]
 class PixelSNAILParams(ParamsModel):
     """Config of :class:`PixelSNAIL`."""
 
-    height: int = Field(16, ge=1, description="rows of the latent grid")
-    width: int = Field(16, ge=1, description="columns of the latent grid")
-    vocab_size: int = Field(512, ge=1, description="image codes: ids [0, vocab_size)")
+    height: int = Field(16, ge=1, le=1024, description="rows of the latent grid")
+    width: int = Field(16, ge=1, le=1024, description="columns of the latent grid")
+    vocab_size: int = Field(512, ge=1, le=1 << 20, description="image codes: ids [0, vocab_size)")
     cond_vocab_size: int = Field(
         0, ge=0, description="condition ids [vocab_size, vocab_size + cond_vocab_size)"
     )
     cond_spatial: bool = Field(False, description="condition is a token map (else one token)")
-    channels: int = Field(128, ge=1)
-    n_blocks: int = Field(2, ge=1, description="blocks of residual layers (+ attention)")
-    n_res_blocks: int = Field(2, ge=1, description="gated residual blocks per block")
-    n_cond_res_blocks: int = Field(2, ge=0, description="residual blocks of the cond network")
+    channels: int = Field(128, ge=1, le=4096)
+    n_blocks: int = Field(2, ge=1, le=64, description="blocks of residual layers (+ attention)")
+    n_res_blocks: int = Field(2, ge=1, le=64, description="gated residual blocks per block")
+    n_cond_res_blocks: int = Field(
+        2, ge=0, le=64, description="residual blocks of the cond network"
+    )
     kernel_size: int = Field(3, ge=3, description="odd; causal window is k//2 rows up")
     use_attention: bool = True
-    n_head: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1, le=256)
     attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 

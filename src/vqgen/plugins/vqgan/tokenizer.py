@@ -48,27 +48,27 @@ class VQGANOutput(NamedTuple):
 class _ModelParams(ParamsModel):
     """Architecture and quantizer fields shared by both VQGAN variants."""
 
-    ch: int = Field(32, ge=1, description="base channel count")
+    ch: int = Field(32, ge=1, le=4096, description="base channel count")
     ch_mult: tuple[int, ...] = Field(
         (1, 2, 2),
         min_length=1,
         description="channel multiplier per level; f = 2^(len - 1)",
     )
-    num_res_blocks: int = Field(1, ge=1)
+    num_res_blocks: int = Field(1, ge=1, le=64)
     attn_resolutions: tuple[int, ...] = Field(
         (),
         description="feature-map sizes (at input size `resolution`) with self-attention, "
         "besides the middle block's",
     )
     resolution: int = Field(32, ge=1, description="input size that attn_resolutions refer to")
-    z_channels: int = Field(32, ge=1)
+    z_channels: int = Field(32, ge=1, le=4096)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     norm_groups: int = Field(
         8, ge=1, description="GroupNorm groups (taming: 32; small models want few)"
     )
     attention: Literal["auto", "sdpa", "math", "xformers"] = "auto"
-    n_embed: int = Field(512, ge=2, description="codebook size (the vocabulary)")
-    embed_dim: int = Field(32, ge=1, description="latent channels around the quantizer")
+    n_embed: int = Field(512, ge=2, le=1 << 20, description="codebook size (the vocabulary)")
+    embed_dim: int = Field(32, ge=1, le=4096, description="latent channels around the quantizer")
     codebook_dim: int = Field(
         8, ge=0, description="code-space dimension (projected in/out); 0 = embed_dim, no projection"
     )
@@ -196,7 +196,7 @@ class VQGAN(_VQModel):
     input_key = "image"
 
     class Params(_ModelParams):
-        in_channels: int = Field(3, ge=1)
+        in_channels: int = Field(3, ge=1, le=1024)
         out_channels: int = Field(0, ge=0, description="0 = same as in_channels")
         rec_loss: Literal["l1", "l2"] = Field(
             "l1", description="pixel reconstruction loss: l1 (taming) or l2 (mean squared "
@@ -210,8 +210,8 @@ class VQGAN(_VQModel):
         disc_start: int = Field(2000, ge=0, description="optimizer step the GAN loss starts at")
         disc_weight: float = Field(0.8, ge=0.0, description="scale of λ; 0 = no discriminator")
         disc_loss: Literal["hinge", "vanilla"] = "hinge"
-        disc_n_layers: int = Field(3, ge=1)
-        disc_ch: int = Field(64, ge=1, description="discriminator base channels (ndf)")
+        disc_n_layers: int = Field(3, ge=1, le=16)
+        disc_ch: int = Field(64, ge=1, le=4096, description="discriminator base channels (ndf)")
 
     def __init__(
         self,
