@@ -248,7 +248,7 @@ def config(
     cond: str | None, cond_vocab: int = 0, cond_len: int = 0, scale: float = 1.0
 ) -> Any:
     """The pipeline config of one run: the shared tokenizer, an optional conditioner."""
-    added = GPT_PARAMS.get("cond_fusion") == "add"
+    added = GPT_PARAMS.get("cond_fusion") == "add"  # no prefix positions
     prior = {**GPT_PARAMS, "cond_vocab_size": cond_vocab,
              "block_size": L_IMAGE if added else max(cond_len, 1) + L_IMAGE - 1}
     steps = scaled(PRIOR_TRAIN["steps"], scale, minimum=2)
@@ -739,7 +739,7 @@ def main() -> None:
     ap = parser(__doc__, NAME)
     ap.add_argument("--data", choices=["default", "demo", "both"], default="both",
                     help="data setting(s): today's shapes defaults, the demo's, or both")
-    ap.add_argument("--fusion", choices=["add", "prefix"], default="add",
+    ap.add_argument("--fusion", choices=["add", "both", "prefix"], default="add",
                     help="how the priors take their condition (GPT cond_fusion)")
     args = ap.parse_args()
     setup(args)

@@ -42,3 +42,51 @@ def test_a_stored_non_finite_or_damaged_best_is_replaced(tmp_path: Path) -> None
         _checkpoint(tmp_path, 5)
         assert keep_checkpoint(tmp_path, 5, keep_last=0, val_loss=2.0)["best_step"] == 5
         assert json.loads((best / "best.json").read_text()) == {"step": 5, "val_loss": 2.0}
+
+
+def _commit(d: Path, step: int, fail: bool = False) -> None:
+    from vqgen.core.checkpoint import checkpoint_commit
+
+    with checkpoint_commit(d, step) as unit:
+        (unit / "weights.safetensors").write_text(f"weights {step}")
+        if fail:
+            raise KeyboardInterrupt  # a crash between the files of one checkpoint
+        (unit / "meta.json").write_text(json.dumps({"step": step}))
+
+
+def test_a_checkpoint_commits_as_one_unit(tmp_path: Path) -> None:
+    from vqgen.core.checkpoint import CURRENT, checkpoint_dir
+
+    d = tmp_path / "prior"
+    _commit(d, 1)
+    assert os.readlink(d / CURRENT) == "history/step_000001"
+    assert (d / "meta.json").read_text() == '{"step": 1}'  # top level links through current
+    assert (d / "weights.safetensors").read_text() == "weights 1"
+    with pytest.raises(KeyboardInterrupt):
+        _commit(d, 2, fail=True)
+    # nothing of step 2 is visible: current, the top level and the history are step 1's
+    assert checkpoint_dir(d) == (d / "history" / "step_000001").resolve()
+    assert (d / "weights.safetensors").read_text() == "weights 1"
+    assert sorted(p.name for p in (d / "history").iterdir()) == ["step_000001"]
+    # a commit killed before its pointer switch leaves a temporary folder: cleaned next time
+    (d / "history" / ".step_000002.killed").mkdir()
+    _commit(d, 2)
+    assert sorted(p.name for p in (d / "history").iterdir()) == ["step_000001", "step_000002"]
+    assert json.loads((d / "meta.json").read_text()) == {"step": 2}
+    # keep_last prunes history, never the current checkpoint
+    assert keep_checkpoint(d, 2, keep_last=0, val_loss=None)["history"] == ["step_000002"]
+    assert sorted(p.name for p in (d / "history").iterdir()) == ["step_000002"]
+    # the same step committed again (a resume that stops at once) keeps the whole one
+    _commit(d, 2)
+    assert (d / "weights.safetensors").read_text() == "weights 2"
+
+
+def test_a_first_commit_killed_before_its_switch_leaves_nothing_trained(tmp_path: Path) -> None:
+    """Only history/ with a temporary folder: the stage has not been trained yet, and
+    training starts it afresh (nothing whole was lost)."""
+    from vqgen.core.runs import stage_step
+
+    (tmp_path / "prior" / "history" / ".step_000001.killed").mkdir(parents=True)
+    assert stage_step(tmp_path, "prior") is None
+    _commit(tmp_path / "prior", 1)
+    assert stage_step(tmp_path, "prior") == 1

@@ -165,7 +165,9 @@ def test_sigterm_from_outside_stops_the_cli_with_a_resume_hint(tmp_path: Path) -
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "--resume" in err and "Traceback" not in err
+    assert "Traceback" not in err
+    # the hint is a command that works as it is: this run's own config and directory
+    assert f"vqgen train {run / 'config.yaml'} --run-dir {run} --resume" in err
     step = stage_step(run, "tokenizer")
     assert step is not None and step >= 2
     assert load_component(run / "tokenizer") is not None
@@ -239,7 +241,7 @@ def test_damaged_checkpoints_are_named_and_left_alone(
     import shutil
 
     cut = tmp_path / "cut"
-    shutil.copytree(run, cut)
+    shutil.copytree(run, cut, symlinks=True)
     weights = cut / "prior" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(["sample", str(cut), "-o", str(tmp_path / "x.png")]) == 2
@@ -247,14 +249,14 @@ def test_damaged_checkpoints_are_named_and_left_alone(
     assert len(weights.read_bytes()) == 100
 
     alien = tmp_path / "alien"
-    shutil.copytree(run, alien)
+    shutil.copytree(run, alien, symlinks=True)
     (alien / "tokenizer" / "meta.json").write_text(json.dumps({"step": 1}))
     assert main(["sample", str(alien)]) == 2
     assert "not a vqgen checkpoint" in _err(capsys)
 
     # a train state that is not ours: resume refuses it, naming the file
     pickled = tmp_path / "pickled"
-    shutil.copytree(run, pickled)
+    shutil.copytree(run, pickled, symlinks=True)
     cfg = yaml.safe_load((pickled / "config.yaml").read_text())
     (pickled / "prior" / "meta.json").write_text(
         (pickled / "prior" / "meta.json").read_text().replace('"step": 4', '"step": 2'))
@@ -285,13 +287,14 @@ def test_a_stage_without_meta_json_is_refused_not_retrained(
     import shutil
 
     damaged = tmp_path / "damaged"
-    shutil.copytree(run, damaged)
-    (damaged / stage / "meta.json").unlink()
+    shutil.copytree(run, damaged, symlinks=True)
+    (damaged / stage / "meta.json").resolve().unlink()  # the file, not the link to it
     before = _tree_hash(damaged)
     cfg = damaged / "config.yaml"
     assert main(["train", str(cfg), "--run-dir", str(damaged), "--resume"]) == 2
     err = _err(capsys)
     assert f"{damaged / stage}" in err and "no meta.json" in err and "Traceback" not in err
+    # the damaged checkpoint is named
     assert _tree_hash(damaged) == before  # nothing retrained, nothing overwritten
 
 
@@ -474,10 +477,17 @@ def test_both_stages_train_under_autocast_on_cuda(tmp_path: Path, amp: str) -> N
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["--n", "0"], "--n must be at least 1, got 0"),
-    (["--n", "-3"], "--n must be at least 1, got -3"),
+    (["--n", "0"], "--n must be between 1 and 100000, got 0"),
+    (["--n", "-3"], "--n must be between 1 and 100000, got -3"),
+    (["--n", "10000000"], "--n must be between 1 and 100000, got 10000000"),
+    (["--seed", "99999999999999999999999"], "--seed must be between 0 and 2**63 - 1"),
+    (["--seed", "-1"], "--seed must be between 0 and 2**63 - 1"),
+    (["--size", "100000x32"], "--size 100000x32: each side must be 1 to 8192 pixels"),
+    (["--size", "0x32"], "--size 0x32: each side must be 1 to 8192 pixels"),
+    (["--guidance", "nan"], "guidance must be a finite number"),
+    (["--guidance", "inf"], "guidance must be a finite number"),
 ])
-def test_sample_refuses_bad_counts(run: Path, tmp_path: Path,
+def test_sample_refuses_bad_numbers(run: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str],
                                    args: list[str], says: str) -> None:
     out = tmp_path / "s.png"
@@ -504,8 +514,8 @@ def test_a_second_process_on_a_run_directory_is_refused(
     from vqgen.core.runs import run_lock
 
     busy = tmp_path / "busy"
-    shutil.copytree(run, busy)
-    (busy / "prior" / "meta.json").unlink()  # would be a damaged stage: the lock comes first
+    shutil.copytree(run, busy, symlinks=True)
+    (busy / "prior" / "meta.json").resolve().unlink()  # damaged: the lock comes first
     before = _tree_hash(busy)
     holder = subprocess.Popen(  # another process holds the run, as a running `vqgen train`
         [sys.executable, "-c", "import sys, time; from vqgen.core.runs import run_lock\n"
@@ -527,3 +537,50 @@ def test_a_second_process_on_a_run_directory_is_refused(
         pass
     assert {k for k in _tree_hash(busy) if not k.startswith(".lock")} == {
         k for k in before if not k.startswith(".lock")}
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL at random moments (checkpoints every step, so often mid-commit); each
+    time `--resume` goes on from the last whole checkpoint, and the final weights equal
+    those of a run that was never interrupted."""
+    import random
+
+    every = {"checkpoint_every": 1, "log_every": 1, "image_every": 0, "device": "cpu"}
+    cfg = write_config(tmp_path / "c.yaml", tiny(tokenizer={**every, "steps": 30},
+                                                 prior={**every, "steps": 40}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(run: Path) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "vqgen", "train", str(cfg), "--run-dir",
+                                 str(run), "--resume"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    whole = tmp_path / "whole"
+    t0 = time.time()
+    assert train(whole).wait(timeout=300) == 0
+    took = time.time() - t0  # kill somewhere in the middle third of a whole run's time
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    seen = set()  # (stage, step) of the last whole checkpoint after each kill
+    for _ in range(15):
+        proc = train(killed)
+        try:
+            proc.wait(timeout=rng.uniform(0.2, 0.5) * took)
+            break  # it finished before the kill
+        except subprocess.TimeoutExpired:
+            proc.kill()  # SIGKILL: no handler runs
+            proc.wait()
+            if (killed / "config.yaml").is_file():
+                seen |= {(s, stage_step(killed, s)) for s in ("tokenizer", "prior")}
+    progress = {(s, n) for s, n in seen if n}
+    assert len(progress) >= 3, seen  # killed at several points of training
+    done = train(killed)
+    assert done.wait(timeout=300) == 0
+    for stage in ("tokenizer", "prior"):
+        a = load_file(str(whole / stage / "weights.safetensors"))
+        b = load_file(str(killed / stage / "weights.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    assert not list((killed / "prior" / "history").glob(".step_*"))  # leftovers cleaned

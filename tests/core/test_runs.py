@@ -67,7 +67,7 @@ def test_bad_run_directories_are_clear_errors(run: Path, tmp_path: Path,
     assert main(["sample", str(tmp_path / "nothing")]) == 2
     assert "not a vqgen run directory" in capsys.readouterr().err
     broken = tmp_path / "broken"
-    shutil.copytree(run, broken)
+    shutil.copytree(run, broken, symlinks=True)
     (broken / "prior" / "meta.json").write_text("{trunc")
     assert main(["sample", str(broken)]) == 2
     assert "not a vqgen checkpoint" in capsys.readouterr().err

@@ -262,9 +262,11 @@ def test_generate_runs_without_gradients() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lc", [None, 1, L])
-def test_added_condition_kv_cache_equals_full_forward(backend: str, lc: int | None) -> None:
-    m, seq, cond = on_backend(backend, tiny(attention=backend, cond_fusion="add",
-                                            block_size=L), *data(lc))
+@pytest.mark.parametrize("fusion", ["add", "both"])
+def test_added_condition_kv_cache_equals_full_forward(backend: str, lc: int | None,
+                                                      fusion: str) -> None:
+    m, seq, cond = on_backend(backend, tiny(attention=backend, cond_fusion=fusion,
+                                            block_size=2 * L), *data(lc))
     full = m.logits(seq, cond)  # (B, L, V): L positions, the block size, whatever Lc
     assert full.shape == (B, L, V)
     torch.testing.assert_close(decode_all(m, seq, cond), full, atol=1e-5, rtol=1e-5)
@@ -272,26 +274,34 @@ def test_added_condition_kv_cache_equals_full_forward(backend: str, lc: int | No
     torch.testing.assert_close(m.logits(seq[:, :4], cond), full[:, :4], atol=1e-6, rtol=0)
 
 
-def test_added_condition_is_the_embedding_of_the_cell_at_each_position() -> None:
-    m = tiny(cond_fusion="add", block_size=L)
+@pytest.mark.parametrize("fusion", ["add", "both"])
+def test_added_condition_is_the_embedding_of_the_cell_at_each_position(fusion: str) -> None:
+    m = tiny(cond_fusion=fusion, block_size=2 * L)
     seq, cond = data(L)
     assert cond is not None
     full = m.logits(seq, cond)
-    for j in (0, 4, L - 1):  # changing cell j's condition changes position j onwards only
+    for j in (0, 4, L - 1):  # changing cell j's condition changes position j (onwards)
         other = cond.clone()
         other[:, j] = V + (other[:, j] - V + 1) % CV
         out = m.logits(seq, other)
-        assert torch.equal(out[:, :j], full[:, :j]), j
+        if fusion == "add":  # seen from its own cell on; with a prefix, by every position
+            assert torch.equal(out[:, :j], full[:, :j]), j
         assert not torch.allclose(out[:, j], full[:, j]), j
     # one class token is added at every position: equal to that token at every cell
-    one = cond[:, :1]
-    torch.testing.assert_close(m.logits(seq, one), m.logits(seq, one.expand(-1, L)))
+    if fusion == "add":  # (with a prefix, the two differ in the prefix's length)
+        one = cond[:, :1]
+        torch.testing.assert_close(m.logits(seq, one), m.logits(seq, one.expand(-1, L)))
     assert m.aligned_condition and not tiny().aligned_condition
+    assert m.cond_prefix == (fusion == "both")
 
 
 def test_added_condition_errors() -> None:
     with pytest.raises(ComponentError, match="cond_fusion"):
         vqgen.create("prior", "gpt", {"cond_fusion": "concat"})
+    both = tiny(cond_fusion="both", block_size=2 * L - 2)  # Lc + L - 1 = 19 positions needed
+    seq, cond = data(L)
+    with pytest.raises(ValueError, match=r"block_size=18.*= 19 positions"):
+        both.logits(seq, cond)
     m = tiny(cond_fusion="add", block_size=L)
     seq, _ = data(None)
     with pytest.raises(ValueError, match=r"one per image token \(L=10.*got Lc=3"):
@@ -326,8 +336,9 @@ def test_aligned_fusion_learns_a_cell_by_cell_condition_far_sooner_than_a_prefix
     """ln 16 = 2.77 nats is chance. Measured at 60 steps: add 0.08, prefix 2.68 nats; the
     prefix catches up only by 300 steps (0.007)."""
     add = _fit_copy_task("add", 60)
+    both = _fit_copy_task("both", 60)  # measured 0.10
     prefix = _fit_copy_task("prefix", 60)
-    assert add < 0.3, add  # the identity through the embedding: learnt at once
+    assert add < 0.3 and both < 0.3, (add, both)  # the identity through the embedding
     assert prefix > 1.5, prefix  # the prefix must learn to look 36 positions back
 
 

@@ -1,28 +1,35 @@
 """Checkpoints: safetensors weights + JSON metadata + optimizer state, atomic and resumable.
 
-A stage directory (``tokenizer/``, ``cond/``, ``prior/``) holds the latest
-checkpoint::
+A stage directory (``tokenizer/``, ``cond/``, ``prior/``) holds its checkpoints::
 
-    weights.safetensors    the component's state_dict, nothing else
-    meta.json              kind, registry name, params, step, metrics, vqgen version
-    train_state.pt         optimizer state, step, RNG states (tensors and plain containers)
-    *.safetensors          other trained modules (e.g. discriminator.safetensors)
-    history/step_NNNNNN/   the last ``keep_last`` checkpoints (hard links: no copies)
+    history/step_NNNNNN/   whole checkpoints, the newest ``keep_last`` (at least the current):
+        weights.safetensors    the component's state_dict, nothing else
+        meta.json              kind, registry name, params, step, metrics, vqgen version
+        train_state.pt         optimizer state, step, RNG states (tensors, plain containers)
+        *.safetensors          other trained modules (e.g. discriminator.safetensors)
+    current -> history/step_NNNNNN    the last whole checkpoint (a symlink)
+    weights.safetensors, meta.json, ... -> current/<name>   the same files, for readers
     best/                  the checkpoint with the lowest validation loss, with best.json
 
-Every file is written to a temporary file and renamed over its target, and
-``meta.json`` is written last: its ``step`` names a complete checkpoint, so a crash
-at any point leaves the previous checkpoint readable. Weights load only from
-safetensors, train state only through ``torch.load(weights_only=True)``.
+A checkpoint commits as one unit (:func:`checkpoint_commit`): its files are written
+into a fresh temporary folder, flushed to disk, the folder is renamed to
+``history/step_NNNNNN``, and then the one pointer ``current`` is switched to it. A
+crash (even ``kill -9``) at any point leaves ``current`` on the previous whole
+checkpoint; leftovers of an interrupted commit are removed by the next one. A stage
+directory of the earlier layout (plain files at the top, no ``current``) still loads.
+Weights load only from safetensors, train state only through
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,8 @@ from vqgen.core.registry import Registry, default_registry
 
 __all__ = [
     "CheckpointError",
+    "checkpoint_commit",
+    "checkpoint_dir",
     "keep_checkpoint",
     "load_component",
     "load_tensors",
@@ -55,6 +64,7 @@ WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "train_state.pt"
 HISTORY_DIR = "history"
 BEST_DIR = "best"
+CURRENT = "current"
 
 
 class CheckpointError(VqgenError):
@@ -120,7 +130,7 @@ def load_train_state(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``meta.json`` of a saved component, checked for the fields vqgen writes."""
-    path = Path(directory) / META_FILE
+    path = checkpoint_dir(directory) / META_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} not found: not a saved vqgen component directory")
     try:
@@ -188,7 +198,7 @@ def load_component(
     map_location: str | torch.device = "cpu",
 ) -> Any:
     """Rebuild a component saved by :func:`save_component` (strict weight loading), in eval mode."""
-    directory = Path(directory)
+    directory = checkpoint_dir(directory)
     meta = read_meta(directory)
     registry = registry or default_registry()
     module = registry.create(meta["kind"], meta["name"], meta["params"])
@@ -226,6 +236,74 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(directory: str | os.PathLike[str]) -> Path:
+    """Where a stage directory's last whole checkpoint lies: ``current/`` where it
+    exists, else the directory itself (a saved component, or the earlier layout)."""
+    directory = Path(directory)
+    current = directory / CURRENT
+    return current.resolve() if current.is_dir() else directory
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_link(link: Path, target: str) -> None:
+    """Point the symlink ``link`` at ``target`` atomically (whatever stood there)."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+@contextlib.contextmanager
+def checkpoint_commit(directory: str | os.PathLike[str], step: int) -> Iterator[Path]:
+    """Write one checkpoint of ``step`` into ``directory`` as one unit.
+
+    Yields a fresh folder for the checkpoint's files. When the block ends without an
+    exception, the files are flushed to disk, the folder becomes
+    ``history/step_NNNNNN``, the pointer ``current`` is switched to it (one atomic
+    rename), and the top-level names link through ``current``. On an exception
+    nothing changes; leftovers of a commit killed earlier are removed.
+    """
+    directory = Path(directory)
+    hist = directory / HISTORY_DIR
+    hist.mkdir(parents=True, exist_ok=True)
+    for stale in hist.glob(".step_*"):  # an earlier commit that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=hist, prefix=f".step_{step:06d}."))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    name = f"step_{step:06d}"
+    final = hist / name
+    if final.exists() and checkpoint_dir(directory) == final.resolve():
+        shutil.rmtree(tmp)  # this step is the current checkpoint already: keep it whole
+    else:
+        if final.exists():  # written, but a kill came before the switch: not current
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(hist)
+        _replace_link(directory / CURRENT, f"{HISTORY_DIR}/{name}")  # the commit
+    for f in final.iterdir():  # readers of <stage>/<file> see the current checkpoint
+        top = directory / f.name
+        if not (top.is_symlink() and os.readlink(top) == f"{CURRENT}/{f.name}"):
+            _replace_link(top, f"{CURRENT}/{f.name}")
+    for top in directory.iterdir():  # a file the new checkpoint no longer has
+        if top.is_symlink() and os.readlink(top).startswith(f"{CURRENT}/") and not top.exists():
+            top.unlink()
+    _fsync(directory)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -271,19 +349,24 @@ def keep_checkpoint(
     non-finite ``val_loss`` never does. Returns ``{"history": [...], "best_step": n}``.
     """
     directory = Path(directory)
+    source = checkpoint_dir(directory)
+    committed = source != directory  # written by checkpoint_commit: already in history/
     out: dict[str, Any] = {"history": [], "best_step": None}
-    if keep_last > 0:
-        hist = directory / HISTORY_DIR
+    hist = directory / HISTORY_DIR
+    if keep_last > 0 and not committed:
         _snapshot(directory, hist / f"step_{step:06d}")
+    if hist.is_dir():
         snaps = sorted(p for p in hist.iterdir() if p.is_dir() and p.name.startswith("step_"))
-        for old in snaps[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        out["history"] = [p.name for p in snaps[-keep_last:]]
+        keep = max(keep_last, 1 if committed else 0)
+        for old in snaps[: len(snaps) - keep]:
+            if old.resolve() != source:  # never the current checkpoint
+                shutil.rmtree(old, ignore_errors=True)
+        out["history"] = [p.name for p in snaps[len(snaps) - keep:]] if keep else []
     best_json = directory / BEST_DIR / "best.json"
     if keep_best and val_loss is not None:
         best = _read_best(best_json)
         if math.isfinite(val_loss) and (best is None or float(val_loss) < best[1]):
-            _snapshot(directory, directory / BEST_DIR)
+            _snapshot(source, directory / BEST_DIR)
             save_json({"step": step, "val_loss": float(val_loss)}, best_json)
             best = (step, float(val_loss))
         out["best_step"] = best[0] if best is not None else None

@@ -130,6 +130,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SAMPLES = 100_000  # --n: more is a typo, and would fill memory before any output
+MAX_SIDE = 8192  # --size: pixels per side
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
@@ -137,8 +141,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from vqgen.core.registry import default_registry
     from vqgen.core.runs import load_run
 
-    if args.n < 1:
-        raise VqgenError(f"--n must be at least 1, got {args.n}")
+    if not 1 <= args.n <= MAX_SAMPLES:
+        raise VqgenError(f"--n must be between 1 and {MAX_SAMPLES}, got {args.n}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise VqgenError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     pipe = load_run(args.run_dir)
     sampler = None
     if (args.sampler or args.k is not None or args.p is not None
@@ -158,6 +164,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         except ValueError:
             msg = f"--size expects HxW in pixels, e.g. 64x96; got {args.size!r}"
             raise VqgenError(msg) from None
+        if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE):
+            raise VqgenError(f"--size {args.size}: each side must be 1 to {MAX_SIDE} pixels")
         size = (h, w)
     condition, nrow = None, min(args.n, 8)
     n_classes = getattr(pipe.conditioner, "n_classes", None)

@@ -769,6 +769,8 @@ class TokenCache:
                 warnings.warn(f"{exc}; rebuilding it", DataWarning, stacklevel=2)
                 shutil.rmtree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{key}.*"):  # a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}."))
         try:
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)

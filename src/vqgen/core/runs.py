@@ -65,16 +65,21 @@ def stage_step(run_dir: Path, stage: str) -> int | None:
     A stage directory that holds checkpoint files without ``meta.json`` is damaged, and
     an error: training over it would throw trained weights away.
     """
-    meta = run_dir / stage / "meta.json"
+    from vqgen.core.checkpoint import checkpoint_dir
+
+    d = checkpoint_dir(run_dir / stage)
+    meta = d / "meta.json"
     if not meta.is_file():
-        d = run_dir / stage
-        left = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+        # history/ and best/ alone are no checkpoint (a first commit killed before its
+        # pointer switch leaves only history/), nor are temporary files (.name)
+        left = sorted(p.name for p in d.iterdir() if not p.name.startswith(".")
+                      and p.name not in ("history", "best")) if d.is_dir() else []
         if left:
             raise VqgenError(
                 f"{d} holds {', '.join(left[:5])}{' …' if len(left) > 5 else ''} but no "
                 "meta.json, so the stage's files disagree; nothing was changed. Restore "
-                f"meta.json from a whole checkpoint in {d / 'history'} (or best/), or move "
-                f"{d} away to train the stage afresh"
+                f"meta.json from a whole checkpoint in {run_dir / stage / 'history'} (or "
+                f"best/), or move {run_dir / stage} away to train the stage afresh"
             )
         return None
     try:

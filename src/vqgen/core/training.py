@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import signal
 import threading
 import time
@@ -74,6 +75,8 @@ from tqdm.auto import tqdm
 
 from vqgen.core.checkpoint import (
     CheckpointError,
+    checkpoint_commit,
+    checkpoint_dir,
     extra_buffers,
     keep_checkpoint,
     load_component,
@@ -423,11 +426,16 @@ class StopSignals:
 
 
 def _interrupted(stage: str, step: int, signum: int, ckpt: Path | None) -> TrainingInterrupted:
-    where = f"a checkpoint is in {ckpt}; " if ckpt is not None else ""
+    if ckpt is None:
+        how = "nothing was saved (no run directory); train again"
+    else:
+        run = ckpt.parent
+        cmd = (f"vqgen train {shlex.quote(str(run / 'config.yaml'))} --run-dir "
+               f"{shlex.quote(str(run))} --resume")
+        how = f"a checkpoint is in {ckpt}; continue with `{cmd}` (or resume=True in Python)"
     return TrainingInterrupted(
         f"{signal.Signals(signum).name} received: the {stage} stage stopped after step "
-        f"{step}; {where}continue with `vqgen train CONFIG --run-dir RUN_DIR --resume` "
-        "(or the Python API with resume=True)",
+        f"{step}; {how}",
         signum,
     )
 
@@ -574,21 +582,21 @@ class _Stage1:
         if self.ckpt_dir is None:
             return
         d = self.ckpt_dir
-        if discriminator is not None:
-            save_tensors(discriminator.state_dict(), d / "discriminator.safetensors")
         val = self.val_loss(loss_fn) if self.cfg.keep_best else None
         metrics = {**self.last_metrics, **({"val_loss": val} if val is not None else {})}
         state = {**state, "step": step, "rng": rng_state(), "buffers": extra_buffers(self.tok)}
-        save_state(state, d / "train_state.pt")
-        # weights.safetensors, then meta.json last: its step marks a complete checkpoint
-        save_component(d, self.tok, kind="tokenizer", name=self.name, step=step,
-                       metrics=metrics)
+        with checkpoint_commit(d, step) as unit:  # every file, then one pointer switch
+            if discriminator is not None:
+                save_tensors(discriminator.state_dict(), unit / "discriminator.safetensors")
+            save_state(state, unit / "train_state.pt")
+            save_component(unit, self.tok, kind="tokenizer", name=self.name, step=step,
+                           metrics=metrics)
         keep_checkpoint(d, step, keep_last=self.cfg.keep_last, val_loss=val,
                         keep_best=self.cfg.keep_best)
 
     def load(self, discriminator: nn.Module | None) -> dict[str, Any] | None:
         """The saved train state (weights restored into the models), or None."""
-        d = self.run_dir / self.stage if self.run_dir else None
+        d = checkpoint_dir(self.run_dir / self.stage) if self.run_dir else None
         if d is None or not (d / "meta.json").is_file():
             return None
         meta = read_meta(d)
@@ -1095,10 +1103,12 @@ def _global_loss(info: DistInfo, loss: float, stop: StopSignals, device: torch.d
 def _save_prior(d: Path, config: PipelineConfig, prior: nn.Module, opt: torch.optim.Optimizer,
                 gen: torch.Generator, step: int, metrics: Mapping[str, Any],
                 val_loss: float | None) -> None:
-    save_state({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(),
-                "generator": gen.get_state()}, d / "train_state.pt")
     assert config.prior is not None
-    save_component(d, prior, kind="prior", name=config.prior.name, step=step, metrics=metrics)
+    with checkpoint_commit(d, step) as unit:  # every file, then one pointer switch
+        save_state({"step": step, "optimizer": opt.state_dict(), "rng": rng_state(),
+                    "generator": gen.get_state()}, unit / "train_state.pt")
+        save_component(unit, prior, kind="prior", name=config.prior.name, step=step,
+                       metrics=metrics)
     cfg = config.train.prior
     keep_checkpoint(d, step, keep_last=cfg.keep_last, val_loss=val_loss,
                     keep_best=cfg.keep_best)
@@ -1106,6 +1116,7 @@ def _save_prior(d: Path, config: PipelineConfig, prior: nn.Module, opt: torch.op
 
 def _load_prior(d: Path, prior: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                 device: torch.device) -> int:
+    d = checkpoint_dir(d)
     meta = read_meta(d)
     state = load_train_state(d / "train_state.pt")
     if meta.get("step") != state.get("step"):

@@ -38,7 +38,9 @@ predicts each image token, so the input is ``[start, seq[:, :-1]]`` and ``block_
 A condition of ``Lc = 1`` (a class) is added at every position; one of ``Lc = L`` (a spatial
 map, which the pipeline hands over in the prior's ordering) is aligned cell by cell: the
 position that predicts the token of cell ``(i, j)`` sees the condition token of that cell
-(the "aligned fusion" of ControlAR-style models). Both use the one embedding table.
+(the "aligned fusion" of ControlAR-style models). ``"both"`` keeps taming's prefix, so
+every position can attend to the whole map, and adds each cell's condition at the
+position that predicts it too (``block_size = Lc + L - 1``). All use the one table.
 """
 
 from __future__ import annotations
@@ -83,10 +85,11 @@ class GPTParams(ParamsModel):
         description="normal: N(0, 0.02) (minGPT); code_vectors: image-code rows from the "
         "tokenizer's code vectors (randomly projected, same scale): alike codes start alike",
     )
-    cond_fusion: Literal["prefix", "add"] = Field(
+    cond_fusion: Literal["prefix", "add", "both"] = Field(
         "prefix",
         description="prefix: condition tokens lead the sequence (taming); add: the "
-        "condition embedding is added at every position (a class) or cell by cell (a map)",
+        "condition embedding is added at every position (a class) or cell by cell (a map); "
+        "both: a prefix, and added cell by cell too",
     )
 
     @model_validator(mode="after")
@@ -100,6 +103,16 @@ class GPTParams(ParamsModel):
                 f"[0, vocab_size + cond_vocab_size = {rows})"
             )
         return self
+
+
+def _at_inputs(cells: torch.Tensor | None, n_prefix: int) -> torch.Tensor | None:
+    """Per-cell embeddings ``[B, L, C]`` placed at the input positions that predict their
+    cells, ``n_prefix - 1`` onwards (zeros before); one embedding ``[B, 1, C]`` (a class)
+    is added at every position as it is."""
+    if cells is None or cells.shape[1] == 1 or n_prefix == 1:
+        return cells
+    pad = cells.new_zeros(cells.shape[0], n_prefix - 1, cells.shape[2])  # (B, P - 1, C)
+    return torch.cat([pad, cells], dim=1)  # (B, P - 1 + L, C)
 
 
 class KVCache:
@@ -137,7 +150,8 @@ class GPTState:
     caches: list[KVCache]
     pending: torch.Tensor | None  # (B, V): logits for the first image token, until taken
     batch_size: int
-    added: torch.Tensor | None = None  # (B, 1 or L, C): cond_fusion="add" embeddings
+    added: torch.Tensor | None = None  # (B, 1 or L, C): cond_fusion="add"/"both" embeddings
+    offset: int = 0  # input position of image cell 0 (P - 1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -216,7 +230,7 @@ class GPT(Prior):
         attention: Literal["auto", "xformers", "sdpa", "math"] = "auto",
         start_token: int | Literal["learned"] = "learned",
         tok_emb_init: Literal["normal", "code_vectors"] = "normal",
-        cond_fusion: Literal["prefix", "add"] = "prefix",
+        cond_fusion: Literal["prefix", "add", "both"] = "prefix",
     ) -> None:
         super().__init__(
             vocab_size=vocab_size,
@@ -239,7 +253,8 @@ class GPT(Prior):
         self.cond_vocab_size = p.cond_vocab_size
         self.block_size = p.block_size
         self.cond_fusion = p.cond_fusion
-        self.aligned_condition = p.cond_fusion == "add"
+        self.cond_prefix = p.cond_fusion in ("prefix", "both")  # the condition leads the input
+        self.aligned_condition = p.cond_fusion in ("add", "both")  # and/or is added per cell
         self.wants_code_vectors = p.tok_emb_init == "code_vectors"
         learned = p.start_token == "learned"
         rows = p.vocab_size + p.cond_vocab_size + learned
@@ -305,20 +320,22 @@ class GPT(Prior):
                 )
             if cond.dtype != torch.long:
                 raise TypeError(f"cond must be int64 token ids, got {cond.dtype}")
-            if not self.aligned_condition:
+            if self.cond_prefix:
                 return cond
         device = self.pos_emb.device
         return torch.full((batch_size, 1), self.start_id, dtype=torch.long, device=device)
 
     def _added(self, cond: torch.Tensor | None, length: int) -> torch.Tensor | None:
-        """``cond_fusion="add"``: the condition's embeddings ``[B, 1 or L, C]`` (else None)."""
+        """``cond_fusion="add"/"both"``: the condition's embeddings ``[B, 1 or L, C]``, one
+        per image cell (else None)."""
         if not self.aligned_condition or cond is None or cond.shape[-1] == 0:
             return None
         lc = cond.shape[1]
         if lc != 1 and not length <= lc <= self.block_size:
             raise ValueError(
-                f"cond_fusion='add' takes one condition token (added at every position) or "
-                f"one per image token (L={length}, at most block_size={self.block_size}), "
+                f"cond_fusion='{self.params.cond_fusion}' takes one condition token (added "
+                f"at every position) or one per image token (L={length}, at most "
+                f"block_size={self.block_size}), "
                 f"got Lc={lc}; a spatial condition must have the image's latent grid"
             )
         return self.tok_emb(cond[:, : max(length, 1)])  # (B, 1 or L, C): a prefix's own cells
@@ -332,13 +349,13 @@ class GPT(Prior):
         if seq.ndim != 2 or seq.dtype != torch.long:
             raise ValueError(f"seq must be [B, L] int64, got {tuple(seq.shape)} {seq.dtype}")
         n = prefix.shape[1] + seq.shape[1] - 1
-        if self.aligned_condition:
+        if not self.cond_prefix:
             n = max(seq.shape[1], 1)
         if n > self.block_size:
             raise ValueError(
                 f"sequence too long for GPT block_size={self.block_size}: "
                 f"{prefix.shape[1] if is_cond else 0} condition + {seq.shape[1]} image tokens "
-                f"need {'L' if self.aligned_condition else 'max(Lc, 1) + L - 1'} = {n} "
+                f"need {'max(Lc, 1) + L - 1' if self.cond_prefix else 'L'} = {n} "
                 f"positions; raise block_size to at least {n}"
             )
         lo, hi = self._cond_range()
@@ -360,7 +377,7 @@ class GPT(Prior):
     def _check_ids(self, seq: torch.Tensor, prefix: torch.Tensor,
                    cond: torch.Tensor | None) -> None:
         """:meth:`_check` of the sequence and of the condition, wherever it enters."""
-        if self.aligned_condition and cond is not None and cond.shape[-1] > 0:
+        if not self.cond_prefix and cond is not None and cond.shape[-1] > 0:
             self._check(seq, cond, is_cond=True)
         else:
             self._check(seq, prefix, is_cond=prefix is cond)
@@ -408,7 +425,8 @@ class GPT(Prior):
         if n == 0:
             return seq.new_zeros(b, 0, self.vocab_size, dtype=self.head.weight.dtype)
         idx = torch.cat([prefix, seq[:, :-1]], dim=1)  # (B, P + L - 1)
-        h = self.hidden(idx, added=self._added(cond, n))  # (B, P + L - 1, C)
+        added = _at_inputs(self._added(cond, n), prefix.shape[1])  # (B, P + L - 1 or 1, C)
+        h = self.hidden(idx, added=added)  # (B, P + L - 1, C)
         return self.head(h[:, prefix.shape[1] - 1 :])  # (B, L, V): image positions only
 
     def forward(
@@ -437,8 +455,12 @@ class GPT(Prior):
         added = None
         if self.aligned_condition and cond is not None and cond.shape[-1] > 0:
             added = self.tok_emb(cond)  # (B, 1 or L, C); L is checked as decoding goes
-        h = self.hidden(prefix, caches, None if added is None else added[:, :1])  # (B, P, C)
-        return GPTState(caches, self.head(h[:, -1]), batch_size, added)  # pending: (B, V)
+        p = prefix.shape[1]
+        first = None if added is None else _at_inputs(added, p)[:, :p]  # (B, P or 1, C)
+        h = self.hidden(prefix, caches, first)  # (B, P, C)
+        state = GPTState(caches, self.head(h[:, -1]), batch_size, added)  # pending: (B, V)
+        state.offset = p - 1  # the input position of image cell 0
+        return state
 
     @torch.no_grad()
     def step(self, state: GPTState, token: torch.Tensor | None) -> tuple[torch.Tensor, GPTState]:
@@ -456,10 +478,10 @@ class GPT(Prior):
         token = token.reshape(state.batch_size, 1)  # (B, 1)
         added = state.added
         if added is not None and added.shape[1] > 1:
-            t = state.caches[0].length
-            if t >= added.shape[1]:
+            cell = state.caches[0].length - state.offset  # the image cell this input predicts
+            if cell >= added.shape[1]:
                 raise ValueError(f"the aligned condition has {added.shape[1]} tokens; "
-                                 f"cannot decode position {t}")
-            added = added[:, t : t + 1]  # (B, 1, C)
+                                 f"cannot decode image token {cell}")
+            added = added[:, cell : cell + 1]  # (B, 1, C)
         h = self.hidden(token, state.caches, added)  # (B, 1, C)
         return self.head(h[:, -1]), state  # (B, V)
