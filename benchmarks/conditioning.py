@@ -11,14 +11,16 @@ trainer. Then, for each of the six built-in conditioners (``class``, ``segmentat
    ``segmentation`` the one-hot / cross-entropy ``vqgan_segmentation``, the paper's
    choice) is trained with ``train_tokenizer(config, stage="cond", conditioner=...)``;
    ``class`` has none. Its held-out reconstruction quality is reported.
-2. **prior** — a conditional GPT (``cond_fusion: add``: the condition's embedding is
-   added to the input, a class at every position, a map cell by cell) is trained with
-   ``train_prior`` on the *same* image tokens as an unconditional GPT, its twin: same
-   architecture, 64 positions, steps, batches and seed, and the same initial weights (the
-   twin is built with the same ``cond_vocab_size``, so its embedding table has the same
-   shape and the seeded initialisation matches; its condition rows are never used). The
-   twin gets nothing where the conditional prior gets the condition, so the NLL gap
-   measures the condition, not initialisation luck; what is
+2. **prior** — a conditional GPT is trained with ``train_prior`` on the *same* image
+   tokens as an unconditional GPT, its twin: same architecture and params, steps, batches
+   and seed, and the same initial weights (the twin is built with the same
+   ``cond_vocab_size`` and ``block_size``, so the seeded initialisation matches; its
+   condition rows are never used). The condition enters by ``cond_fusion: add`` for the
+   class (its embedding added at every position) and ``both`` for a map (taming's
+   prefix, so every position sees the whole map, and each cell's condition added at the
+   position that predicts it); that is what measured best (the notes); ``--fusion``
+   sets one mode for all. The twin gets nothing where the conditional prior gets the
+   condition, so the NLL gap measures the condition, not initialisation luck; what is
    left is run-to-run noise (two trainings diverge), which the output estimates as the
    spread between the two twins: one per condition vocabulary, ``class`` (5 ids) and the
    spatial ones (32 codes + null = 33). Reported: held-out NLL (512 images of the ``val``
@@ -61,7 +63,7 @@ trainer. Then, for each of the six built-in conditioners (``class``, ``segmentat
 
 Everything runs for two **data settings**, side by side: ``default`` (today's
 ``shapes``) and ``demo`` (the ``background`` / ``palette`` of ``configs/demo.yaml``);
-``--data default|demo`` runs one. ``--fusion prefix`` runs taming's layout instead.
+``--data default|demo`` runs one.
 
 The image tokens are encoded once and shared: the token caches that ``train_prior``
 reads (``TokenCache``, one per conditioner, keyed by the weights of both stages) are
@@ -163,9 +165,18 @@ CONDITIONER_PARAMS: dict[str, dict[str, Any]] = {
 #: has ``block_size`` 64; ``cond_vocab_size`` follows the condition. With taming's prefix
 #: layout (``--fusion prefix``) spatial conditions cost 127 positions and the prior has to
 #: learn to find each cell's condition 64 positions back.
-GPT_PARAMS: dict[str, Any] = {
-    "vocab_size": 512, "n_layer": 3, "n_head": 4, "n_embd": 96, "cond_fusion": "add",
-}
+GPT_PARAMS: dict[str, Any] = {"vocab_size": 512, "n_layer": 3, "n_head": 4, "n_embd": 96}
+#: ``cond_fusion`` of each prior: ``auto`` (the default, what measured best) is ``add``
+#: for a class and ``both`` (a prefix, and added cell by cell) for a spatial map; or one
+#: of ``prefix`` / ``add`` / ``both`` for every conditioner (``--fusion``).
+FUSION = {"mode": "auto"}
+
+
+def fusion_of(cond_len: int) -> str:
+    """The GPT ``cond_fusion`` for a condition of ``cond_len`` tokens."""
+    if FUSION["mode"] != "auto":
+        return FUSION["mode"]
+    return "add" if cond_len <= 1 else "both"
 #: The data settings compared side by side: today's ``shapes`` defaults, and the setting
 #: ``make demo`` uses (read from configs/demo.yaml, so the two never drift apart).
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -203,6 +214,12 @@ NOTES: dict[str, str] = {
     "recipe": "with taming's prefix layout, 256-code cond stages and priors of 600 steps x "
               "32 at lr 1e-3, only lowres beat the unconditional prior (class -0.006, "
               "segmentation -0.08, depth -0.04, edge -0.06, pose -0.07 bits/token)",
+    "fusion": "closures with --fusion add / --fusion both for every conditioner (same "
+              "budget; default data | demo data): class -0.03 / 0.00 | 0.32 / 0.21; "
+              "segmentation 0.35 / 0.30 | 0.51 / 0.55; depth 0.51 / 0.56 | 0.54 / 0.86; "
+              "edge 0.01 / 0.01 | 0.46 / 0.73; pose 0.23 / 0.10 | 0.62 / 0.85; lowres "
+              "0.23 / 0.24 | 0.41 / 0.50: a map is followed better with the whole map in "
+              "view (both), a class better added alone (add)",
 }
 #: The headline fidelity figure of each conditioner (in the summary).
 MAIN_METRIC = {"class": "accuracy", "segmentation": "miou", "depth": "foreground_iou",
@@ -248,9 +265,9 @@ def config(
     cond: str | None, cond_vocab: int = 0, cond_len: int = 0, scale: float = 1.0
 ) -> Any:
     """The pipeline config of one run: the shared tokenizer, an optional conditioner."""
-    added = GPT_PARAMS.get("cond_fusion") == "add"  # no prefix positions
-    prior = {**GPT_PARAMS, "cond_vocab_size": cond_vocab,
-             "block_size": L_IMAGE if added else max(cond_len, 1) + L_IMAGE - 1}
+    fusion = fusion_of(cond_len)
+    prior = {**GPT_PARAMS, "cond_vocab_size": cond_vocab, "cond_fusion": fusion,
+             "block_size": L_IMAGE if fusion == "add" else max(cond_len, 1) + L_IMAGE - 1}
     steps = scaled(PRIOR_TRAIN["steps"], scale, minimum=2)
     spec: dict[str, Any] = {
         "data": data_spec(scale),
@@ -629,12 +646,13 @@ def run_setting(setting: str, s: float, pictures: Path) -> dict[str, Any]:
         shared.caches(None)
         twins: dict[int, tuple[dict[str, Any], torch.Tensor]] = {}
 
-        def twin(vocab: int) -> tuple[dict[str, Any], torch.Tensor]:
+        def twin(vocab: int, lc: int) -> tuple[dict[str, Any], torch.Tensor]:
             """The unconditional prior whose parameters start as those of a conditional
             one with ``vocab`` condition ids, and its samples (trained once per vocab)."""
             if vocab not in twins:
                 log(f"unconditional prior (twin of cond_vocab_size {vocab}) ...")
-                pipe, run = prior_run(config(None, vocab, 0, s), tok, None, root)
+                # the conditional prior's params (block size, fusion), no condition given
+                pipe, run = prior_run(config(None, vocab, lc, s), tok, None, root)
                 t = cpu_clock()
                 images = pipe.generate(n_eval, seed=SEED).images
                 run["sample_s"] = since(t)["wall_s"]
@@ -652,7 +670,7 @@ def run_setting(setting: str, s: float, pictures: Path) -> dict[str, Any]:
                 entry["cond_stage"] = cond_info
             lc = encode_all(lambda b, c=cond: c.tokens(b), take(held, slice(0, 2))).shape[1]
             cfg = config(name, cond.vocab_size, lc, s)
-            uncond, uncond_images = twin(cond.vocab_size)
+            uncond, uncond_images = twin(cond.vocab_size, lc)
             _, held_cache = shared.caches(cond)
             log(f"{name}: prior ...")
             pipe, run = prior_run(cfg, tok, cond, root)
@@ -727,7 +745,8 @@ def run_setting(setting: str, s: float, pictures: Path) -> dict[str, Any]:
     result["setup"] = {
         "data": f"shapes {RESOLUTION}x{RESOLUTION} ({setting}: {DATA or 'the defaults'}), "
                 f"{TRAIN_IMAGES} training images; held-out NLL on 512 images of the val split",
-        "gpt": GPT_PARAMS, "prior_train": PRIOR_TRAIN, "sampler": SAMPLER,
+        "gpt": GPT_PARAMS, "cond_fusion": FUSION["mode"], "prior_train": PRIOR_TRAIN,
+        "sampler": SAMPLER,
         "eval_samples": n_eval, "seed": SEED,
     }
     took = since(t_all)
@@ -739,11 +758,12 @@ def main() -> None:
     ap = parser(__doc__, NAME)
     ap.add_argument("--data", choices=["default", "demo", "both"], default="both",
                     help="data setting(s): today's shapes defaults, the demo's, or both")
-    ap.add_argument("--fusion", choices=["add", "both", "prefix"], default="add",
-                    help="how the priors take their condition (GPT cond_fusion)")
+    ap.add_argument("--fusion", choices=["auto", "add", "both", "prefix"], default="auto",
+                    help="how the priors take their condition (GPT cond_fusion); auto: "
+                    "add for a class, both for a map")
     args = ap.parse_args()
     setup(args)
-    GPT_PARAMS["cond_fusion"] = args.fusion
+    FUSION["mode"] = args.fusion
     t_all = cpu_clock()
     settings = data_settings()
     names = list(settings) if args.data == "both" else [args.data]

@@ -584,3 +584,20 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(
         b = load_file(str(killed / stage / "weights.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
     assert not list((killed / "prior" / "history").glob(".step_*"))  # leftovers cleaned
+
+
+def test_condition_picture_shows_every_kind_of_condition_input() -> None:
+    from vqgen.evaluation import condition_picture
+
+    gray = torch.linspace(-1, 1, 16).reshape(1, 1, 4, 4)
+    out = condition_picture(gray, (8, 8))  # one channel: grey, enlarged (nearest)
+    assert out.shape == (1, 3, 8, 8) and torch.equal(out[0, 0], out[0, 2])
+    assert torch.equal(out[0, 0, ::2, ::2], gray[0, 0])
+    rgb = torch.rand(2, 3, 8, 8) * 2 - 1
+    assert torch.equal(condition_picture(rgb, (8, 8)), rgb)  # three: as they are
+    labels = torch.tensor([[0, 1], [2, 1]])
+    onehot = torch.nn.functional.one_hot(labels, 5).permute(2, 0, 1)[None].float()
+    shown = condition_picture(onehot, (2, 2))  # more: a colour per label
+    assert torch.equal(shown[0, :, 0, 1], shown[0, :, 1, 1])
+    assert not torch.equal(shown[0, :, 0, 0], shown[0, :, 0, 1])
+    assert not torch.equal(shown[0, :, 0, 1], shown[0, :, 1, 0])
