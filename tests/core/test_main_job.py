@@ -486,6 +486,7 @@ def test_both_stages_train_under_autocast_on_cuda(tmp_path: Path, amp: str) -> N
     (["--size", "0x32"], "--size 0x32: each side must be 1 to 8192 pixels"),
     (["--guidance", "nan"], "guidance must be a finite number"),
     (["--guidance", "inf"], "guidance must be a finite number"),
+    (["--sampler-param", "k"], "--sampler-param expects KEY=VALUE, got 'k'"),
 ])
 def test_sample_refuses_bad_numbers(run: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str],
@@ -601,3 +602,28 @@ def test_condition_picture_shows_every_kind_of_condition_input() -> None:
     assert torch.equal(shown[0, :, 0, 1], shown[0, :, 1, 1])
     assert not torch.equal(shown[0, :, 0, 0], shown[0, :, 0, 1])
     assert not torch.equal(shown[0, :, 0, 1], shown[0, :, 1, 0])
+
+
+def test_sampling_an_unfinished_or_stage1_run_says_what_to_do(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut, symlinks=True)
+    meta = cut / "prior" / "meta.json"
+    meta.write_text(meta.read_text().replace('"step": 4', '"step": 2'))
+    (cut / "pipeline.json").unlink()  # as after an interrupted prior
+    assert main(["sample", str(cut), "-o", str(tmp_path / "s.png")]) == 2
+    err = _err(capsys)
+    assert "the prior stage of" in err and "is unfinished (step 2 of 4)" in err
+    assert f"vqgen train {cut / 'config.yaml'} --run-dir {cut} --resume" in err
+
+    cfg = tiny(tokenizer={"steps": 2})
+    del cfg["prior"]
+    stage1 = tmp_path / "stage1"
+    assert main(["train", str(write_config(tmp_path / "s1.yaml", cfg)), "--run-dir",
+                 str(stage1)]) == 0
+    assert vqgen.load_run(stage1).prior is None  # loads without pipeline.json
+    assert main(["sample", str(stage1), "-o", str(tmp_path / "s1.png")]) == 2
+    assert "no prior (a stage-1-only config)" in _err(capsys)

@@ -71,15 +71,15 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["k=v", ...]`` → dict, values read as YAML scalars (``3`` → int)."""
+def _parse_kv(pairs: Sequence[str], flag: str = "--param") -> dict[str, Any]:
+    """``["k=v", ...]`` (given with ``flag``) → dict, values read as YAML scalars."""
     import yaml
 
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise VqgenError(f"--param expects KEY=VALUE, got {pair!r}")
+            raise VqgenError(f"{flag} expects KEY=VALUE, got {pair!r}")
         out[key] = yaml.safe_load(value)
     return out
 
@@ -155,7 +155,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         for key, value in (("k", args.k), ("p", args.p), ("temperature", args.temperature)):
             if value is not None:
                 params[key] = value
-        params.update(_parse_kv(args.sampler_param))
+        params.update(_parse_kv(args.sampler_param, "--sampler-param"))
         sampler = default_registry().create("sampler", name, params)
     size = None
     if args.size:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,6 +241,15 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
         lock.release()
 
 
+def _stage1_grid(config: PipelineConfig, tokenizer: Any) -> tuple[int, int]:
+    """The latent grid of a stage-1-only run: the data's resolution over the tokenizer's f
+    (1×1 where the data set names no resolution)."""
+    res = config.data.params.get("resolution")
+    if not isinstance(res, int):
+        return (1, 1)
+    return tokenizer.latent_shape(res, res)  # type: ignore[no-any-return]
+
+
 def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
              map_location: str = "cpu") -> Pipeline:
     """The trained Pipeline of a run directory, in eval mode."""
@@ -253,15 +263,28 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
     conditioner = _conditioner(config, registry)
     needed = ["tokenizer"] + ["cond"] * _has_cond_stage(conditioner) + ["prior"] * bool(
         config.prior)
+    resume = (f"`vqgen train {shlex.quote(str(run / CONFIG_FILE))} --run-dir "
+              f"{shlex.quote(str(run))} --resume`")
     for stage in needed:
-        if stage_step(run, stage) is None:
-            raise VqgenError(f"{run} has no trained {stage} stage yet; run `vqgen train` first")
+        step = stage_step(run, stage)
+        if step is None:
+            raise VqgenError(f"{run} has no trained {stage} stage yet; train it with {resume}")
+        total = getattr(config.train, stage).steps
+        if step < total and not (run / PIPELINE_FILE).is_file():
+            raise VqgenError(f"the {stage} stage of {run} is unfinished (step {step} of "
+                             f"{total}); finish it with {resume}")
+    tokenizer = load_component(run / "tokenizer", registry, map_location)
     try:
         layout = json.loads((run / PIPELINE_FILE).read_text())
         grid = tuple(layout["grid"])
+    except FileNotFoundError:
+        if config.prior is not None:
+            raise VqgenError(f"{run / PIPELINE_FILE} is missing: the run's prior finished "
+                             f"without it; write it again with {resume}") from None
+        layout, grid = {}, _stage1_grid(config, tokenizer)  # stage 1 only: no prior
     except (OSError, ValueError, KeyError, TypeError):
-        raise VqgenError(f"{run / PIPELINE_FILE} is missing or unreadable") from None
-    tokenizer = load_component(run / "tokenizer", registry, map_location)
+        raise VqgenError(f"{run / PIPELINE_FILE} is unreadable (damaged); write it again "
+                         f"with {resume}") from None
     prior = load_component(run / "prior", registry, map_location) if config.prior else None
     if _has_cond_stage(conditioner):
         _load_cond_tokenizer(run, conditioner, map_location)
