@@ -627,3 +627,22 @@ def test_sampling_an_unfinished_or_stage1_run_says_what_to_do(
     assert vqgen.load_run(stage1).prior is None  # loads without pipeline.json
     assert main(["sample", str(stage1), "-o", str(tmp_path / "s1.png")]) == 2
     assert "no prior (a stage-1-only config)" in _err(capsys)
+
+
+def test_sigterm_while_encoding_tokens_says_what_happened(tmp_path: Path) -> None:
+    cfg = tiny(tokenizer={"steps": 2, "log_every": 1})
+    cfg["data"]["params"]["length"] = 50000  # encoding takes a while
+    path = write_config(tmp_path / "c.yaml", cfg)
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "vqgen", "train", str(path), "--run-dir",
+                             str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "tokens").glob(".*")):
+        time.sleep(0.05)  # until the token cache is being written
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    assert list((run / "tokens").iterdir()) == []  # the half-written cache was removed

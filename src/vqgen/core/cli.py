@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -386,11 +388,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _terminate)  # training installs its own
     try:
         return int(args.func(args))
     except VqgenError as exc:
         print(f"vqgen: error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
+    except _Terminated:
+        print("vqgen: terminated (SIGTERM) before training began or after it ended; every "
+              "file is written whole or not at all, so run the same command again "
+              "(`vqgen train` with --resume) to go on", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("vqgen: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside a training loop (which stops gracefully by itself)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise _Terminated
