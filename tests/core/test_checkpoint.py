@@ -90,3 +90,32 @@ def test_a_first_commit_killed_before_its_switch_leaves_nothing_trained(tmp_path
     assert stage_step(tmp_path, "prior") is None
     _commit(tmp_path / "prior", 1)
     assert stage_step(tmp_path, "prior") == 1
+
+
+@pytest.mark.parametrize("meta", [
+    {"kind": "prior", "name": "no_such_prior", "params": {}, "step": 1},
+    {"kind": "no_such_kind", "name": "gpt", "params": {}, "step": 1},
+    {"kind": "prior", "name": "gpt", "params": {"n_layers": 3}, "step": 1},
+])
+def test_a_foreign_meta_json_is_named(tmp_path: Path, meta: dict) -> None:
+    from vqgen.core.checkpoint import CheckpointError, load_component
+
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'meta.json'} names a component"):
+        load_component(tmp_path)
+
+
+def test_a_shape_mismatch_is_one_paragraph_naming_the_file(tmp_path: Path) -> None:
+    import vqgen
+    from vqgen.core.checkpoint import CheckpointError, load_weights, save_component
+
+    small = vqgen.create("prior", "gpt", {"vocab_size": 8, "block_size": 8, "n_layer": 2,
+                                          "n_head": 1, "n_embd": 8})
+    save_component(tmp_path, small, kind="prior", name="gpt", step=1)
+    wide = vqgen.create("prior", "gpt", {"vocab_size": 8, "block_size": 8, "n_layer": 2,
+                                         "n_head": 1, "n_embd": 16})
+    with pytest.raises(CheckpointError) as info:
+        load_weights(wide, tmp_path / "weights.safetensors")
+    msg = str(info.value)
+    assert "\n" not in msg and str(tmp_path / "weights.safetensors") in msg
+    assert "tensor(s) differ in shape, e.g." in msg and "(8,) in the file, (16,)" in msg

@@ -179,6 +179,14 @@ def save_component(
 def load_weights(module: nn.Module, path: Path, device: str | torch.device = "cpu") -> None:
     """Load a safetensors state_dict into ``module`` strictly; mismatches name the keys."""
     state = load_tensors(path, device)
+    own = module.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
+             for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f"{path} does not fit {type(module).__name__}: {len(wrong)} tensor(s) differ in "
+            f"shape, e.g. {'; '.join(wrong[:3])}. It was saved for other params"
+        )
     result = module.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
@@ -201,7 +209,12 @@ def load_component(
     directory = checkpoint_dir(directory)
     meta = read_meta(directory)
     registry = registry or default_registry()
-    module = registry.create(meta["kind"], meta["name"], meta["params"])
+    try:
+        module = registry.create(meta["kind"], meta["name"], meta["params"])
+    except (VqgenError, TypeError, ValueError) as exc:  # a foreign or edited meta.json
+        raise CheckpointError(
+            f"{directory / META_FILE} names a component that cannot be built here: {exc}"
+        ) from None
     try:
         load_weights(module, directory / WEIGHTS_FILE, map_location)
     except RuntimeError as exc:  # shape mismatches
