@@ -353,3 +353,49 @@ def test_save_image_grid(tmp_path: Path, channels: int) -> None:
     with pytest.raises(ValueError):
         save_image_grid(torch.zeros(2, 4, 8, 8), tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    Image.fromarray(rgb(16, 16)).save(path.with_suffix(".tmp.jpg"), quality=90)
+    data = path.with_suffix(".tmp.jpg").read_bytes()
+    path.with_suffix(".tmp.jpg").unlink()
+    path.write_bytes(data[: len(data) // 2])  # header intact, scan data cut
+    return path
+
+
+@pytest.mark.parametrize(("case", "says"), [
+    ("truncated_jpeg", "unreadable image file(s)"),
+    ("bomb", "decompression bomb"),
+    ("string_depth", "not numbers"),
+    ("inf_depth", "infinite values"),
+    ("nan_depth", "every value is NaN"),
+])
+def test_defects_are_found_when_the_data_set_opens(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   case: str, says: str) -> None:
+    """Each defect is reported by name (file and reason) when the data set opens,
+    never swapped for another sample in the middle of an epoch."""
+    two_class_folder(tmp_path, n=2)
+    (tmp_path / "depth").mkdir()
+    for stem in ("000", "001"):
+        np.save(tmp_path / "depth" / f"{stem}.npy", np.random.rand(8, 8).astype(np.float32))
+    culprit = {"truncated_jpeg": tmp_path / "images" / "ant" / "000.jpg",
+               "bomb": tmp_path / "images" / "cat" / "001.png",
+               "string_depth": tmp_path / "depth" / "000.npy",
+               "inf_depth": tmp_path / "depth" / "000.npy",
+               "nan_depth": tmp_path / "depth" / "001.npy"}[case]
+    if case == "truncated_jpeg":
+        (tmp_path / "images" / "ant" / "000.png").unlink()
+        _truncated_jpeg(culprit)
+    elif case == "bomb":  # PIL refuses more than 2 × MAX_IMAGE_PIXELS
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 8×8 images pass, 16×16 not
+        save(rgb(16, 16), culprit)
+    elif case == "string_depth":
+        np.save(culprit, np.array([["a"] * 8] * 8))
+    elif case == "inf_depth":
+        np.save(culprit, np.full((8, 8), np.inf, np.float32))
+    else:
+        np.save(culprit, np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(VqgenError) as err:
+        FolderDataset(root=str(tmp_path), resolution=8)
+    msg = str(err.value)
+    assert str(culprit) in msg and says in msg, msg

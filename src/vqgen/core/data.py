@@ -229,10 +229,13 @@ def _parse_keypoints(path: Path, max_objects: int) -> np.ndarray:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """``(W, H)`` of an image file after checking it with PIL's ``verify``."""
+    """``(W, H)`` of an image file after decoding it whole (``verify`` alone passes a
+    truncated JPEG), so that a broken file is found when the data set opens."""
     with Image.open(path) as im:
         size = im.size
         im.verify()
+    with Image.open(path) as im:
+        im.load()
     return size
 
 
@@ -240,7 +243,14 @@ def _map_size(path: Path, cond: str) -> tuple[int, int]:
     """``(W, H)`` of a segmentation or depth file, after checking its format."""
     if path.suffix.lower() == ".npy":
         a = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise ValueError(f"its values are {a.dtype}, not numbers")
         h, w = _squeeze_map(np.empty(a.shape, dtype=np.uint8), path).shape
+        values = np.asarray(a, dtype=np.float64)
+        if np.isinf(values).any():
+            raise ValueError("it holds infinite values")
+        if np.isnan(values).all():
+            raise ValueError("every value is NaN")
         return w, h
     with Image.open(path) as im:
         _check_mode(im, cond)
@@ -384,8 +394,9 @@ class FolderDataset(Component, Dataset):
         """The sample of image ``path`` with its condition files, or None (reported to ``bad``)."""
         try:
             size = _image_size(path)
-        except Exception:  # PIL raises many types for a broken file
-            bad("unreadable image file(s)", str(path))
+        except Exception as err:  # PIL raises many types for a broken file
+            why = " ".join(str(err).split())[:120] or type(err).__name__
+            bad("unreadable image file(s)", f"{path} ({why})")
             return None
         s, ok = _Sample(path, label, size), True
         for cond in self.conditions:
