@@ -41,6 +41,14 @@ def tiny(**train: Any) -> dict[str, Any]:
     return cfg
 
 
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a run directory with its layout (``current`` and the top-level links)."""
+    import shutil
+
+    shutil.copytree(run, dest, symlinks=True)
+    return dest
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -238,25 +246,20 @@ def test_missing_empty_and_unreadable_data(tmp_path: Path,
 def test_damaged_checkpoints_are_named_and_left_alone(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import shutil
-
-    cut = tmp_path / "cut"
-    shutil.copytree(run, cut, symlinks=True)
+    cut = copy_run(run, tmp_path / "cut")
     weights = cut / "prior" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(["sample", str(cut), "-o", str(tmp_path / "x.png")]) == 2
     assert "weights.safetensors" in _err(capsys)
     assert len(weights.read_bytes()) == 100
 
-    alien = tmp_path / "alien"
-    shutil.copytree(run, alien, symlinks=True)
+    alien = copy_run(run, tmp_path / "alien")
     (alien / "tokenizer" / "meta.json").write_text(json.dumps({"step": 1}))
     assert main(["sample", str(alien)]) == 2
     assert "not a vqgen checkpoint" in _err(capsys)
 
     # a train state that is not ours: resume refuses it, naming the file
-    pickled = tmp_path / "pickled"
-    shutil.copytree(run, pickled, symlinks=True)
+    pickled = copy_run(run, tmp_path / "pickled")
     cfg = yaml.safe_load((pickled / "config.yaml").read_text())
     (pickled / "prior" / "meta.json").write_text(
         (pickled / "prior" / "meta.json").read_text().replace('"step": 4', '"step": 2'))
@@ -284,10 +287,7 @@ def _tree_hash(root: Path) -> dict[str, str]:
 def test_a_stage_without_meta_json_is_refused_not_retrained(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: str
 ) -> None:
-    import shutil
-
-    damaged = tmp_path / "damaged"
-    shutil.copytree(run, damaged, symlinks=True)
+    damaged = copy_run(run, tmp_path / "damaged")
     (damaged / stage / "meta.json").resolve().unlink()  # the file, not the link to it
     before = _tree_hash(damaged)
     cfg = damaged / "config.yaml"
@@ -510,12 +510,10 @@ def test_sampler_param_alone_is_used(run: Path, tmp_path: Path) -> None:
 def test_a_second_process_on_a_run_directory_is_refused(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import shutil
 
     from vqgen.core.runs import run_lock
 
-    busy = tmp_path / "busy"
-    shutil.copytree(run, busy, symlinks=True)
+    busy = copy_run(run, tmp_path / "busy")
     (busy / "prior" / "meta.json").resolve().unlink()  # damaged: the lock comes first
     before = _tree_hash(busy)
     holder = subprocess.Popen(  # another process holds the run, as a running `vqgen train`
@@ -607,10 +605,7 @@ def test_condition_picture_shows_every_kind_of_condition_input() -> None:
 def test_sampling_an_unfinished_or_stage1_run_says_what_to_do(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import shutil
-
-    cut = tmp_path / "cut"
-    shutil.copytree(run, cut, symlinks=True)
+    cut = copy_run(run, tmp_path / "cut")
     meta = cut / "prior" / "meta.json"
     meta.write_text(meta.read_text().replace('"step": 4', '"step": 2'))
     (cut / "pipeline.json").unlink()  # as after an interrupted prior
