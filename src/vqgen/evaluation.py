@@ -371,21 +371,22 @@ def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
         save_classifier(train_classifier(data, steps=classifier_steps, seed=0, augment=True),
                         run / CLASSIFIER_FILE)
     classifier_s = time.time() - t1
-    judged = class_accuracy(pipe, load_classifier(run / CLASSIFIER_FILE), 32, seed=0)
+    clf = load_classifier(run / CLASSIFIER_FILE)
+    judged = class_accuracy(pipe, clf, 32, seed=0)
     n_classes = int(pipe.conditioner.n_classes)
     shown = judged["images"].reshape(n_classes, 32, *judged["images"].shape[1:])
     samples = save_image_grid(shown[:, :per_class].flatten(0, 1), run / "samples.png",
                               nrow=per_class)
     held = reg.create("dataset", cfg.data.name, {**cfg.data.params, "split": "val",
                                                   "length": 256})
-    x = torch.stack([held[i]["image"] for i in range(len(held))])  # (256, 3, H, W)
+    items = [held[i] for i in range(len(held))]  # each rendered once
+    x = torch.stack([it["image"] for it in items])  # (256, 3, H, W)
+    labels = torch.stack([it["label"] for it in items])  # (256,)
     with torch.no_grad():
         codes = pipe.tokenizer.encode(x)  # (256, h, w)
         recon = pipe.tokenizer.decode(codes).clamp(-1, 1)  # (256, 3, H, W)
     recons = save_image_grid(torch.cat([x[:8], recon[:8]]), run / "reconstructions.png", nrow=8)
     gain = prior_nll(pipe, run, held)
-    clf = load_classifier(run / CLASSIFIER_FILE)
-    labels = torch.stack([held[i]["label"] for i in range(len(held))])  # (256,)
     records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     last_prior = next((r for r in reversed(records) if r.get("stage") == "prior"), {})
     metrics = {

@@ -30,7 +30,7 @@ from torch import nn
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import Conditioner, Ordering, Prior, Sampler, Tokenizer
 
-__all__ = ["Generation", "Pipeline", "RasterOrder", "window_origin"]
+__all__ = ["Generation", "Pipeline", "RasterOrder", "align_condition", "window_origin"]
 
 
 class RasterOrder(Ordering):
@@ -57,6 +57,16 @@ def window_origin(i: int, size: int, window: int) -> int:
     """First row (or column) of the ``window``-long window that predicts cell ``i`` of a
     ``size``-long axis: centred on ``i`` where possible, clamped at the borders."""
     return min(max(i - window // 2, 0), max(size - window, 0))
+
+
+def align_condition(cond: torch.Tensor, ordering: Ordering, grid: tuple[int, int]
+                    ) -> torch.Tensor:
+    """Row-major condition tokens ``[B, h*w]`` of a ``grid`` → ``ordering``'s sequence
+    order; a condition of another length (a class) is returned as given."""
+    h, w = grid
+    if cond.shape[1] != h * w or h * w == 1:
+        return cond
+    return ordering.flatten(cond.reshape(cond.shape[0], h, w))  # (B, h*w)
 
 
 class Pipeline(nn.Module):
@@ -166,10 +176,9 @@ class Pipeline(nn.Module):
     def align_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """Row-major spatial condition tokens ``[B, h*w]`` → the prior's sequence order,
         where the prior takes them aligned (``Prior.aligned_condition``); else as given."""
-        h, w = self.grid
-        if not getattr(self.prior, "aligned_condition", False) or cond.shape[1] != h * w:
-            return cond
-        return self.ordering.flatten(cond.reshape(cond.shape[0], h, w))  # (B, h*w)
+        aligned = bool(getattr(self.prior, "aligned_condition", False))
+        return align_condition(cond, self.ordering, self.grid) if aligned else cond
+
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -94,7 +94,7 @@ from vqgen.core.config import PipelineConfig, StageTrainConfig
 from vqgen.core.data import ConditionInputs, TokenCache
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import InitFromCodeVectors
-from vqgen.core.pipeline import Pipeline, RasterOrder
+from vqgen.core.pipeline import Pipeline, RasterOrder, align_condition
 from vqgen.core.registry import Registry, default_registry
 
 __all__ = [
@@ -816,7 +816,7 @@ class _Tokens(Dataset):
     spatial condition too, where the prior takes it aligned)."""
 
     def __init__(self, cache: TokenCache, pipe: Pipeline) -> None:
-        self.cache, self.ordering = cache, pipe.ordering
+        self.cache, self.ordering = cache, pipe.ordering  # not the pipe: workers copy this
         self.align = bool(getattr(pipe.prior, "aligned_condition", False))
 
     def __len__(self) -> int:
@@ -827,9 +827,8 @@ class _Tokens(Dataset):
         out = {"seq": self.ordering.flatten(item["codes"][None])[0]}  # (L,)
         if "cond" in item:
             cond = item["cond"]  # (Lc,)
-            if self.align and cond.shape[0] == out["seq"].shape[0] > 1:
-                h, w = item["codes"].shape
-                cond = self.ordering.flatten(cond.reshape(1, h, w))[0]  # (L,)
+            if self.align:
+                cond = align_condition(cond[None], self.ordering, item["codes"].shape)[0]
             out["cond"] = cond
         return out
 
