@@ -252,7 +252,6 @@ class GPT(Prior):
         self.vocab_size = p.vocab_size
         self.cond_vocab_size = p.cond_vocab_size
         self.block_size = p.block_size
-        self.cond_fusion = p.cond_fusion
         self.cond_prefix = p.cond_fusion in ("prefix", "both")  # the condition leads the input
         self.aligned_condition = p.cond_fusion in ("add", "both")  # and/or is added per cell
         self.wants_code_vectors = p.tok_emb_init == "code_vectors"
