@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -263,8 +262,9 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
     conditioner = _conditioner(config, registry)
     needed = ["tokenizer"] + ["cond"] * _has_cond_stage(conditioner) + ["prior"] * bool(
         config.prior)
-    resume = (f"`vqgen train {shlex.quote(str(run / CONFIG_FILE))} --run-dir "
-              f"{shlex.quote(str(run))} --resume`")
+    from vqgen.core.training import resume_command
+
+    resume = f"`{resume_command(run)}`"
     for stage in needed:
         step = stage_step(run, stage)
         if step is None:

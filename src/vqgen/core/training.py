@@ -425,14 +425,18 @@ class StopSignals:
         self._old = {}
 
 
+def resume_command(run: Path) -> str:
+    """The command that continues training the run directory ``run`` with its own config."""
+    return (f"vqgen train {shlex.quote(str(run / 'config.yaml'))} --run-dir "
+            f"{shlex.quote(str(run))} --resume")
+
+
 def _interrupted(stage: str, step: int, signum: int, ckpt: Path | None) -> TrainingInterrupted:
     if ckpt is None:
         how = "nothing was saved (no run directory); train again"
     else:
-        run = ckpt.parent
-        cmd = (f"vqgen train {shlex.quote(str(run / 'config.yaml'))} --run-dir "
-               f"{shlex.quote(str(run))} --resume")
-        how = f"a checkpoint is in {ckpt}; continue with `{cmd}` (or resume=True in Python)"
+        how = (f"a checkpoint is in {ckpt}; continue with `{resume_command(ckpt.parent)}` "
+               "(or resume=True in Python)")
     return TrainingInterrupted(
         f"{signal.Signals(signum).name} received: the {stage} stage stopped after step "
         f"{step}; {how}",
