@@ -310,7 +310,7 @@ def test_bad_condition_maps(tmp_path: Path) -> None:
     assert "depth/001.png" in msg and "does not match" in msg
     np.save(tmp_path / "depth" / "x.npy", np.zeros((2, 3, 4)))
     save(rgb(8, 8), tmp_path / "images" / "ant" / "x.png")
-    with pytest.warns(DataWarning, match=r"x\.npy \(.*2-D depth array"):
+    with pytest.warns(DataWarning, match=r"x\.npy \(expected a 2-D map"):
         FolderDataset(root=str(tmp_path), resolution=8, conditions=["depth"], on_bad_file="skip")
 
 
@@ -399,3 +399,49 @@ def test_defects_are_found_when_the_data_set_opens(tmp_path: Path, monkeypatch: 
         FolderDataset(root=str(tmp_path), resolution=8)
     msg = str(err.value)
     assert str(culprit) in msg and says in msg, msg
+
+
+def _npy_with_header(path: Path, shape: tuple[int, ...], descr: str, payload: bytes) -> Path:
+    """A ``.npy`` file whose header says ``shape``/``descr``, whatever the payload."""
+    import io
+
+    from numpy.lib import format as npy_format
+
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False,
+                                            "shape": shape})
+    path.write_bytes(buf.getvalue() + payload)
+    return path
+
+
+CRAFTED_NPY = [  # (header shape, dtype, payload, what the error says)
+    ((5000, 5000), "<f4", b"\0" * 16, "header promises"),
+    ((100_000, 100_000), "<f4", b"\0" * 16, "larger than"),
+    ((8, 8), "<c8", b"\0" * 512, "complex"),
+    ((8, 8), "<U4", b"a" * 1024, "not numbers"),
+    ((8, 8), "|O", b"\0" * 64, "cannot be read"),
+    ((1, 1, 1, 1, 8, 8), "<f4", b"\0" * 256, "2-D"),
+]
+
+
+@pytest.mark.parametrize(("shape", "descr", "payload", "says"), CRAFTED_NPY)
+def test_crafted_npy_files_are_refused_by_name(tmp_path: Path, shape: tuple[int, ...],
+                                               descr: str, payload: bytes, says: str) -> None:
+    """A ``.npy`` whose header lies (a shape far larger than the file, complex or
+    string values, pickled objects) is refused before anything is allocated, naming
+    the file, both as a ``--cond`` file and in a data set's depth folder."""
+    from vqgen.conditioners.depth import load_depth
+    from vqgen.core.data import read_condition
+
+    bad = _npy_with_header(tmp_path / "bad.npy", shape, descr, payload)
+    for read in (lambda: read_condition("depth", bad), lambda: load_depth([bad])):
+        with pytest.raises(VqgenError) as err:
+            read()
+        assert str(bad) in str(err.value) and says in str(err.value), str(err.value)
+    two_class_folder(tmp_path / "set", n=2)
+    (tmp_path / "set" / "depth").mkdir()
+    np.save(tmp_path / "set" / "depth" / "000.npy", np.random.rand(8, 8).astype(np.float32))
+    culprit = _npy_with_header(tmp_path / "set" / "depth" / "001.npy", shape, descr, payload)
+    with pytest.raises(VqgenError) as err:
+        FolderDataset(root=str(tmp_path / "set"), resolution=8)
+    assert str(culprit) in str(err.value) and says in str(err.value), str(err.value)

@@ -29,6 +29,7 @@ from vqgen.conditioners.base import (
     check_image_size,
     require,
 )
+from vqgen.core.data import read_npy_map
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import ParamsModel
 
@@ -51,7 +52,7 @@ def load_depth(paths: Sequence[str | os.PathLike[str]]) -> torch.Tensor:
             raise VqgenError(f"depth of sample {i}: no such file {path}")
         try:
             if path.suffix.lower() == ".npy":
-                a = np.load(path, allow_pickle=False).astype(np.float32)
+                a = read_npy_map(path)  # (H, W)
             else:
                 with Image.open(path) as im:
                     scale = 255.0 if im.mode == "L" else 65535.0

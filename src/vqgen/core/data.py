@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from numpy.lib import format as npy_format
 import torch
 from PIL import Image
 from pydantic import Field
@@ -176,8 +177,7 @@ def _load_labels(path: Path) -> np.ndarray:
 def _load_depth(path: Path) -> np.ndarray:
     """A depth map as ``float32 [H, W]`` in ``[0, 1]`` (see the module docstring)."""
     if path.suffix.lower() == ".npy":
-        a = np.load(path, allow_pickle=False).astype(np.float32)
-        a = _squeeze_map(a, path)
+        a = read_npy_map(path)  # (H, W)
         lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
         a = np.nan_to_num(a, nan=hi)
         return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
@@ -188,12 +188,42 @@ def _load_depth(path: Path) -> np.ndarray:
     return np.clip(a, 0.0, 1.0)
 
 
-def _squeeze_map(a: np.ndarray, path: Path) -> np.ndarray:
-    if a.ndim == 3 and 1 in (a.shape[0], a.shape[2]):
-        a = a.reshape(a.shape[:2] if a.shape[2] == 1 else a.shape[1:])
-    if a.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D depth array, got shape {a.shape}")
-    return a
+MAX_MAP_PIXELS = 8192 * 8192  # a map larger than this is refused before it is read
+
+
+def read_npy_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """A 2-D numeric map from a ``.npy`` file as ``float32 [H, W]``.
+
+    ``[1, H, W]`` and ``[H, W, 1]`` are squeezed. The header is checked against the
+    file before anything is allocated (a header may promise far more than the file
+    holds); complex, string and object (pickled) arrays are refused. Raises
+    ValueError with the reason.
+    """
+    with open(path, "rb") as f:
+        major, _ = npy_format.read_magic(f)
+        read_header = npy_format.read_array_header_1_0 if major == 1 else \
+            npy_format.read_array_header_2_0
+        shape, _fortran, dtype = read_header(f, max_header_size=1 << 16)
+        offset = f.tell()
+        stored = os.fstat(f.fileno()).st_size - offset
+    if dtype.hasobject:
+        raise ValueError("it holds pickled Python objects, which cannot be read safely")
+    if dtype.kind == "c":
+        raise ValueError(f"its values are complex ({dtype}); give real numbers")
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise ValueError(f"its values are {dtype}, not numbers")
+    if len(shape) == 3 and 1 in (shape[0], shape[2]):
+        shape = shape[:2] if shape[2] == 1 else shape[1:]
+    if len(shape) != 2:
+        raise ValueError(f"expected a 2-D map, got shape {tuple(shape)}")
+    n = int(np.prod(shape, dtype=np.int64))
+    if n > MAX_MAP_PIXELS:
+        raise ValueError(f"its {shape[0]}×{shape[1]} map is larger than {MAX_MAP_PIXELS} pixels")
+    if n * dtype.itemsize > stored:
+        raise ValueError(f"its header promises {n * dtype.itemsize} bytes of data, "
+                         f"the file holds {stored}")
+    a = np.load(path, mmap_mode="r", allow_pickle=False)
+    return np.array(a, dtype=np.float32).reshape(shape)  # (H, W)
 
 
 def _parse_keypoints(path: Path, max_objects: int) -> np.ndarray:
@@ -242,11 +272,8 @@ def _image_size(path: Path) -> tuple[int, int]:
 def _map_size(path: Path, cond: str) -> tuple[int, int]:
     """``(W, H)`` of a segmentation or depth file, after checking its format."""
     if path.suffix.lower() == ".npy":
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
-            raise ValueError(f"its values are {a.dtype}, not numbers")
-        h, w = _squeeze_map(np.empty(a.shape, dtype=np.uint8), path).shape
-        values = np.asarray(a, dtype=np.float64)
+        values = read_npy_map(path)  # (H, W)
+        h, w = values.shape
         if np.isinf(values).any():
             raise ValueError("it holds infinite values")
         if np.isnan(values).all():
