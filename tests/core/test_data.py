@@ -445,3 +445,24 @@ def test_crafted_npy_files_are_refused_by_name(tmp_path: Path, shape: tuple[int,
     with pytest.raises(VqgenError) as err:
         FolderDataset(root=str(tmp_path / "set"), resolution=8)
     assert str(culprit) in str(err.value) and says in str(err.value), str(err.value)
+
+
+def test_a_class_folder_that_cannot_be_listed_is_an_error(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreadable class folder is named (it used to be skipped while its class
+    stayed listed, so the class looked empty). Simulated: tests may run as root."""
+    import os
+
+    two_class_folder(tmp_path, n=4)
+    locked = tmp_path / "images" / "cat"
+    real_scandir = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if Path(str(path)) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(VqgenError) as err:
+        FolderDataset(root=str(tmp_path), resolution=8)
+    assert f"cannot list {locked} (Permission denied)" in str(err.value), str(err.value)

@@ -128,3 +128,23 @@ def test_a_cache_built_without_a_condition_is_not_used_with_one(
     plain = TokenCache.build(tmp_path, data, tok, data={"name": "shapes"}, progress=False)
     with pytest.raises(vqgen.VqgenError, match="built without a condition"):
         TokenCache(plain.path, with_cond=True)
+
+
+def test_a_full_disk_is_an_error_before_the_cache_is_written(
+    tmp_path: Path, data: torch.utils.data.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache's blocks are reserved first, so a full disk is a clear error (not a
+    SIGBUS when a page of the memory map is written); nothing is left behind."""
+    import errno
+    import os
+
+    from vqgen.core.errors import VqgenError
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(VqgenError, match="token cache .*codes.npy: no space left on device"):
+        TokenCache.build(tmp_path, data, StubTokenizer(), data={"name": "shapes"},
+                         progress=False)
+    assert list(tmp_path.iterdir()) == []

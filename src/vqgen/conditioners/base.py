@@ -25,7 +25,7 @@ from einops import rearrange
 from pydantic import Field
 
 from vqgen.core.data import ConditionInputs
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import SampleError, VqgenError
 from vqgen.core.interfaces import Conditioner, ParamsModel, Tokenizer
 from vqgen.core.registry import default_registry
 
@@ -83,7 +83,7 @@ def check_finite(x: torch.Tensor, key: str) -> None:
     """Raise naming the first sample of ``x`` with a NaN or infinite value."""
     i = first_bad(~torch.isfinite(x))
     if i is not None:
-        raise VqgenError(f"{key} of sample {i} contains NaN or infinite values")
+        raise SampleError(key, i, "contains NaN or infinite values")
 
 
 def check_image_size(batch: Mapping[str, Any], key: str, hw: tuple[int, int]) -> None:

@@ -30,7 +30,7 @@ from vqgen.conditioners.base import (
 )
 from vqgen.conditioners.canny import canny
 from vqgen.conditioners.depth import MAP_TOKENIZER
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import SampleError, VqgenError
 from vqgen.core.interfaces import ParamsModel
 
 __all__ = ["EdgeConditioner"]
@@ -91,7 +91,7 @@ class EdgeConditioner(SpatialConditioner):
             check_finite(e, "edges")
             i = first_bad((e < 0) | (e > 1))
             if i is not None:
-                raise VqgenError(f"edges of sample {i} has values outside [0, 1]")
+                raise SampleError("edges", i, "has values outside [0, 1]")
             check_image_size(batch, "edges", (e.shape[2], e.shape[3]))
             return e
         x = require(batch, "image", "edge", "(float [B, 3, H, W] in [-1, 1]; source: image)")

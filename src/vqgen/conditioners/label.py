@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from vqgen.conditioners.base import first_bad, require
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import SampleError, VqgenError
 from vqgen.core.interfaces import Conditioner, ParamsModel
 
 __all__ = ["NULL_LABEL", "ClassConditioner"]
@@ -65,15 +65,15 @@ class ClassConditioner(Conditioner):
         null = labels == NULL_LABEL
         i = first_bad(((labels < 0) | (labels >= self.n_classes)) & ~null)
         if i is not None:
-            raise VqgenError(
-                f"label of sample {i} is {int(labels[i])}, outside [0, {self.n_classes}) "
+            raise SampleError(
+                "label", i, f"is {int(labels[i])}, outside [0, {self.n_classes}) "
                 f"(n_classes={self.n_classes}; -1 means unconditional)"
             )
         if bool(null.any()):
             if self.null_id is None:
                 i = first_bad(null)
-                raise VqgenError(
-                    f"label of sample {i} is -1 (unconditional), but this class conditioner "
+                raise SampleError(
+                    "label", int(i or 0), "is -1 (unconditional), but this class conditioner "
                     "has no null token; set null_token: true"
                 )
             labels = torch.where(null, torch.full_like(labels, self.null_id), labels)

@@ -35,7 +35,7 @@ from pydantic import Field, NonNegativeInt
 
 from vqgen.conditioners.base import SpatialConditioner, TokenizerSpec, first_bad, require
 from vqgen.conditioners.depth import MAP_TOKENIZER
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import SampleError, VqgenError
 from vqgen.core.interfaces import ParamsModel
 
 __all__ = ["COCO17_SKELETON", "SHAPES_SKELETON", "PoseConditioner", "load_keypoints"]
@@ -185,7 +185,7 @@ class PoseConditioner(SpatialConditioner):
         kp = kp.float()
         i = first_bad(~torch.isfinite(kp))
         if i is not None:
-            raise VqgenError(f"keypoints of sample {i} contain NaN or infinite values")
+            raise SampleError("keypoints", i, "contain NaN or infinite values")
         return kp
 
     def size(self, batch: Mapping[str, Any]) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from vqgen.conditioners.base import (
     first_bad,
     require,
 )
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import SampleError, VqgenError
 from vqgen.core.interfaces import ParamsModel
 
 __all__ = ["SEGMENTATION_TOKENIZER", "SegmentationConditioner"]
@@ -98,8 +98,8 @@ class SegmentationConditioner(SpatialConditioner):
         i = first_bad((seg < 0) | (seg >= n))
         if i is not None:
             bad = seg[i][(seg[i] < 0) | (seg[i] >= n)]
-            raise VqgenError(
-                f"segmentation of sample {i} has label {int(bad[0])}, outside [0, {n}) "
+            raise SampleError(
+                "segmentation", i, f"has label {int(bad[0])}, outside [0, {n}) "
                 f"(n_labels={n}); raise n_labels to cover every label value"
             )
         return seg  # (B, H, W)

@@ -72,9 +72,19 @@ class CheckpointError(VqgenError):
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` for a temporary file beside ``path``, then rename it over ``path``.
+
+    torch and safetensors report a failed write (a full disk) as RuntimeError and
+    SafetensorError: those become a :class:`VqgenError` naming ``path`` and the reason.
+    """
     with atomic_path(path) as tmp:
-        write(str(tmp))
+        try:
+            write(str(tmp))
+        except (RuntimeError, SafetensorError) as exc:
+            free = shutil.disk_usage(tmp.parent).free
+            why = ("no space left on device" if "os error 28" in str(exc) or free < 1 << 20
+                   else " ".join(str(exc).split()))
+            raise VqgenError(f"cannot write {path}: {why}") from None
     return path
 
 
@@ -292,10 +302,20 @@ def checkpoint_commit(directory: str | os.PathLike[str], step: int) -> Iterator[
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=hist, prefix=f".step_{step:06d}."))
     try:
+        _chmod_like_mkdir(tmp)
         yield tmp
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
+    except VqgenError as exc:  # a write failed (a full disk): say what is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = checkpoint_dir(directory)
+        kept_note = (f"the last whole checkpoint, {kept}, is kept"
+                     if (kept / META_FILE).is_file() else "this stage has no checkpoint yet")
+        raise VqgenError(
+            f"{exc}. The checkpoint of step {step} was not written; {kept_note}. Free some "
+            f"space and run the same `vqgen train` command with --resume to go on"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -317,6 +337,13 @@ def checkpoint_commit(directory: str | os.PathLike[str], step: int) -> Iterator[
         if top.is_symlink() and os.readlink(top).startswith(f"{CURRENT}/") and not top.exists():
             top.unlink()
     _fsync(directory)
+
+
+def _chmod_like_mkdir(path: Path) -> None:
+    """Give a ``mkdtemp`` folder (0700) the permissions ``mkdir`` would (0777 − umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o777 & ~mask)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

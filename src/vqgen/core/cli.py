@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import InterruptedAgain, SampleError, VqgenError
 
 __all__ = ["main"]
 
@@ -231,6 +231,15 @@ def _read_conds(pipe: Any, specs: Sequence[str]) -> dict[str, Any]:
                 raise VqgenError(f"--cond {spec}: {type(pipe.conditioner).__name__} names no "
                                  "batch key for condition files; write --cond KEY=FILE")
         batch[key] = read_condition(key, file)
+    files = ", ".join(s.partition("=")[2] or s for s in specs)
+    try:  # a bad value or size is reported naming the file, before any sampling
+        one = pipe.cond_batch(batch, 1)
+        if pipe.condition_canvas(one) is None:  # a spatial one was encoded by that
+            pipe.conditioner.tokens(one)
+    except SampleError as err:
+        raise err.at(f"--cond {files}") from None
+    except VqgenError as err:
+        raise VqgenError(f"--cond {files}: {err}") from None
     return batch
 
 
@@ -401,8 +410,12 @@ def main(argv: Sequence[str] | None = None) -> int:
               "file is written whole or not at all, so run the same command again "
               "(`vqgen train` with --resume) to go on", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except InterruptedAgain as exc:
+        print(f"\nvqgen: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("vqgen: interrupted", file=sys.stderr)
+        print("\nvqgen: interrupted; every file is written whole or not at all, so run the "
+              "same command again (`vqgen train` with --resume) to go on", file=sys.stderr)
         return 130
     finally:
         if old is not None:

@@ -42,6 +42,7 @@ points. Depth values are passed through (no direction flip): the built-in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -56,13 +57,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from numpy.lib import format as npy_format
 import torch
+from numpy.lib import format as npy_format
 from PIL import Image
 from pydantic import Field
 from torch.utils.data import Dataset
 
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import SampleError, VqgenError
 from vqgen.core.interfaces import Component, ParamsModel
 from vqgen.core.io import atomic_path
 
@@ -300,6 +301,19 @@ class _Sample:
     keypoints: np.ndarray | None = None  # (N, K, 3) in original pixel units
 
 
+def _files_below(folder: Path) -> list[Path]:
+    """Every file below ``folder``, sorted; a sub-folder that cannot be listed is an
+    error naming it (``Path.rglob`` would skip it, and its class would look empty)."""
+    def refuse(err: OSError) -> None:
+        raise VqgenError(
+            f"cannot list {err.filename} ({err.strerror or err}); make it readable or "
+            "move it out of the data set"
+        )
+
+    return sorted(Path(top) / name for top, _, names in os.walk(folder, onerror=refuse)
+                  for name in names)
+
+
 def _is_image(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -397,7 +411,7 @@ class FolderDataset(Component, Dataset):
         self.classes = [p.name for p in class_dirs]
         found: list[tuple[Path, int | None]] = [(p, None) for p in top]
         for label, d in enumerate(class_dirs):
-            found += [(p, label) for p in sorted(d.rglob("*")) if _is_image(p)]
+            found += [(p, label) for p in _files_below(d) if _is_image(p)]
         if not found:
             exts = ", ".join(IMAGE_EXTENSIONS)
             raise VqgenError(f"{images} contains no images ({exts}); {_LAYOUT}")
@@ -503,6 +517,16 @@ class FolderDataset(Component, Dataset):
     # -- reading ----------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.samples)
+
+    def source(self, index: int, key: str) -> str:
+        """The file that ``key`` of sample ``index`` comes from (for error messages)."""
+        s = self.samples[index]
+        if key == "keypoints":
+            return str(self.root / "keypoints" / f"{s.image.stem}.json")
+        if key == "label":
+            return f"{s.image} (class folder {s.image.parent.name})"
+        path = getattr(s, key, None) if key in CONDITIONS else None
+        return str(path or s.image)
 
     def set_epoch(self, epoch: int) -> None:
         """With an integer ``seed``: vary crops and flips between epochs."""
@@ -821,20 +845,19 @@ class TokenCache:
                 ):
                     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     codes = tokenizer.encode(batch["image"]).cpu().numpy()  # (B, h, w)
-                    cond = conditioner.tokens(batch).cpu().numpy() if conditioner else None
+                    try:
+                        cond = conditioner.tokens(batch).cpu().numpy() if conditioner else None
+                    except SampleError as err:
+                        raise err.at(sample_source(dataset, i + err.index, err.key)) from None
                     if codes_mm is None:
                         n = len(dataset)
-                        codes_mm = np.lib.format.open_memmap(
-                            tmp / "codes.npy",
-                            "w+",
-                            _int_dtype(tokenizer.vocab_size),
+                        codes_mm = _open_memmap(
+                            tmp / "codes.npy", _int_dtype(tokenizer.vocab_size),
                             (n, *codes.shape[1:]),
                         )
                         if cond is not None:
-                            cond_mm = np.lib.format.open_memmap(
-                                tmp / "cond.npy",
-                                "w+",
-                                _int_dtype(conditioner.vocab_size),
+                            cond_mm = _open_memmap(
+                                tmp / "cond.npy", _int_dtype(conditioner.vocab_size),
                                 (n, *cond.shape[1:]),
                             )
                     codes_mm[i : i + len(codes)] = codes
@@ -853,6 +876,30 @@ class TokenCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return cls(path)
+
+
+def sample_source(dataset: Any, index: int, key: str) -> str:
+    """Where ``key`` of sample ``index`` of ``dataset`` comes from: the data set's
+    ``source(index, key)`` (e.g. a file) where it has one, through ``Subset``s."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset, index = dataset.dataset, int(dataset.indices[index])
+    source = getattr(dataset, "source", None)
+    return source(index, key) if callable(source) else f"sample {index} of the data set"
+
+
+def _open_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A new ``.npy`` memmap whose blocks are reserved on disk first: a full disk is
+    then an OSError here, not a SIGBUS when a page of the map is written later."""
+    a = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise VqgenError(f"cannot write the token cache {path}: no space left on "
+                                 "device; free some space and run the same command") from None
+            # a file system without fallocate: the map is written as before
+    return a
 
 
 def _int_dtype(vocab: int) -> np.dtype:
@@ -880,7 +927,10 @@ class ConditionInputs(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = self.dataset[index]
         batch = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
-        return {self.key: self.conditioner.condition_input(batch)[0]}  # (C, H, W)
+        try:
+            return {self.key: self.conditioner.condition_input(batch)[0]}  # (C, H, W)
+        except SampleError as err:
+            raise err.at(sample_source(self.dataset, index, err.key)) from None
 
 
 def read_condition(key: str, path: str | os.PathLike[str]) -> torch.Tensor:

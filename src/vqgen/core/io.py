@@ -43,7 +43,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
     except OSError as exc:
-        raise VqgenError(f"cannot write {shown}: {exc.strerror or exc}") from None
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = (f"{blocker} is a file, not a folder" if blocker is not None
+               else exc.strerror or exc)
+        raise VqgenError(f"cannot write {shown}: {why}") from None
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o644)

@@ -217,7 +217,8 @@ class Pipeline(nn.Module):
     ) -> Generation:
         """Sample ``n`` images.
 
-        ``size`` is the image size ``(H, W)`` in pixels (default: the training grid);
+        ``size`` is the image size ``(H, W)`` in pixels (default: a spatial
+        condition's size, else the training grid; see :meth:`condition_canvas`);
         ``prefix`` is a partial code grid ``[n or 1, r, w]`` of the top ``r`` rows to
         complete; ``seed`` makes the draw reproducible. With a rejection sampler the
         result also carries the acceptance rate achieved. ``guidance`` is the
@@ -234,9 +235,15 @@ class Pipeline(nn.Module):
         sampler = sampler or self.sampler
         if sampler is None:
             raise VqgenError("no sampler: pass sampler= or give the config a sampler section")
-        h, w = self._canvas(size)
-        prefix = self._check_prefix(prefix, n, h, w)
         cond = self.cond_batch(condition, n)
+        canvas = self.condition_canvas(cond)
+        h, w = self._canvas(size) if size is not None or canvas is None else canvas
+        if canvas is not None and canvas != (h, w):
+            raise VqgenError(
+                f"the spatial condition is a {canvas[0]}x{canvas[1]} token grid but the canvas "
+                f"is {h}x{w} latents; give a condition of the canvas size (or leave size out)"
+            )
+        prefix = self._check_prefix(prefix, n, h, w)
         if guidance != 1.0 and (self.conditioner is None or self.conditioner.null_id is None):
             raise VqgenError(
                 "classifier-free guidance needs a conditioner with a null token, and a prior "
@@ -264,6 +271,28 @@ class Pipeline(nn.Module):
         images = torch.cat([c[0] for c in chunks])  # (n, C, H, W)
         codes = torch.cat([c[1] for c in chunks])  # (n, h, w)
         return Generation(images, codes, labels)
+
+    def condition_canvas(self, cond: Mapping[str, Any] | None) -> tuple[int, int] | None:
+        """The latent canvas ``(h, w)`` that a spatial condition batch fixes (None for
+        no condition or a non-spatial one). A condition smaller than the training grid
+        is refused (the prior has not learnt to start a smaller picture); a larger one
+        is sampled with the sliding window."""
+        if cond is None or self.conditioner is None or not self.conditioner.spatial:
+            return None
+        one = {k: v[:1] if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
+        try:
+            hc, wc = self.conditioner.grid(one).shape[1:]  # (1, hc, wc)
+        except ValueError as exc:  # e.g. a size not divisible by the cond stage's f
+            raise VqgenError(f"the condition cannot be encoded: {exc}") from None
+        th, tw = self.grid
+        if hc < th or wc < tw:
+            f = self.tokenizer.downsample
+            raise VqgenError(
+                f"the condition gives a {hc}x{wc} token grid, smaller than the training "
+                f"grid {th}x{tw} ({th * f}x{tw * f} pixels); give a condition at least the "
+                "training size"
+            )
+        return int(hc), int(wc)
 
     def _canvas(self, size: tuple[int, int] | None) -> tuple[int, int]:
         if size is None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import filelock
 import yaml
+from pydantic import BaseModel, NonNegativeInt, PositiveInt, ValidationError
 
 from vqgen.core.config import PipelineConfig, dumps_config, load_config
 from vqgen.core.errors import VqgenError
@@ -47,6 +48,14 @@ STAGES = ("tokenizer", "cond", "prior")
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
 PIPELINE_FILE = "pipeline.json"
+
+
+class _Layout(BaseModel):
+    """``pipeline.json``: the code grid the prior was trained on and, where the
+    condition tokens are offset into a shared vocabulary (taming imports), the offset."""
+
+    grid: tuple[PositiveInt, PositiveInt]
+    cond_offset: NonNegativeInt | None = None
 
 
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -195,6 +204,8 @@ def train(
             _load_cond_tokenizer(run, conditioner)
         done = stage_step(run, "prior") == config.train.prior.steps
         if done:
+            if info.main:
+                _restore_layout(run, config, tokenizer)
             return load_run(run, registry)
         if stage_step(run, "prior") is not None and not resume:
             raise VqgenError(
@@ -203,8 +214,7 @@ def train(
         pipe = train_prior(config, tokenizer, conditioner, run, registry=registry,
                            progress=progress, resume=resume)
         if info.main:
-            layout = json.dumps({"grid": list(pipe.grid)}) + "\n"
-            atomic_write_text(run / PIPELINE_FILE, layout)
+            _write_layout(run, pipe.grid)
         barrier(info)
         return pipe
 
@@ -238,6 +248,21 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
     finally:
         owner.unlink(missing_ok=True)
         lock.release()
+
+
+def _restore_layout(run: Path, config: PipelineConfig, tokenizer: Any) -> None:
+    """Write ``pipeline.json`` of a finished run again where it is missing or damaged
+    (its grid follows from the data's resolution and the tokenizer's f)."""
+    try:
+        _Layout.model_validate_json((run / PIPELINE_FILE).read_bytes())
+    except (OSError, ValueError):
+        if isinstance(config.data.params.get("resolution"), int):
+            _write_layout(run, _stage1_grid(config, tokenizer))
+
+
+def _write_layout(run: Path, grid: tuple[int, int]) -> None:
+    layout = _Layout(grid=grid).model_dump_json(exclude_none=True)
+    atomic_write_text(run / PIPELINE_FILE, layout + "\n")
 
 
 def _stage1_grid(config: PipelineConfig, tokenizer: Any) -> tuple[int, int]:
@@ -275,15 +300,17 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
                              f"{total}); finish it with {resume}")
     tokenizer = load_component(run / "tokenizer", registry, map_location)
     try:
-        layout = json.loads((run / PIPELINE_FILE).read_text())
-        grid = tuple(layout["grid"])
+        layout = _Layout.model_validate_json((run / PIPELINE_FILE).read_bytes())
+        grid, cond_offset = layout.grid, layout.cond_offset
     except FileNotFoundError:
         if config.prior is not None:
             raise VqgenError(f"{run / PIPELINE_FILE} is missing: the run's prior finished "
                              f"without it; write it again with {resume}") from None
-        layout, grid = {}, _stage1_grid(config, tokenizer)  # stage 1 only: no prior
-    except (OSError, ValueError, KeyError, TypeError):
-        raise VqgenError(f"{run / PIPELINE_FILE} is unreadable (damaged); write it again "
+        grid, cond_offset = _stage1_grid(config, tokenizer), None  # stage 1 only: no prior
+    except (OSError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'the file'}: {e['msg']}"
+                        for e in err.errors()) if isinstance(err, ValidationError) else err
+        raise VqgenError(f"{run / PIPELINE_FILE} is damaged ({why}); write it again "
                          f"with {resume}") from None
     prior = load_component(run / "prior", registry, map_location) if config.prior else None
     if _has_cond_stage(conditioner):
@@ -292,8 +319,8 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
                 if config.ordering else RasterOrder())
     sampler = (registry.create("sampler", config.sampler.name, config.sampler.params)
                if config.sampler else None)
-    pipe = Pipeline(tokenizer, prior, grid=(int(grid[0]), int(grid[1])), ordering=ordering,
-                    sampler=sampler, conditioner=conditioner,
-                    cond_offset=layout.get("cond_offset"), guidance=config.sampling.guidance)
+    pipe = Pipeline(tokenizer, prior, grid=grid, ordering=ordering, sampler=sampler,
+                    conditioner=conditioner, cond_offset=cond_offset,
+                    guidance=config.sampling.guidance)
     pipe.config = config  # type: ignore[attr-defined]
     return pipe.to(map_location).eval()

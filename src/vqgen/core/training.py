@@ -92,7 +92,7 @@ from vqgen.core.checkpoint import (
 )
 from vqgen.core.config import PipelineConfig, StageTrainConfig
 from vqgen.core.data import ConditionInputs, TokenCache
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import InterruptedAgain, VqgenError
 from vqgen.core.interfaces import InitFromCodeVectors
 from vqgen.core.pipeline import Pipeline, RasterOrder, align_condition
 from vqgen.core.registry import Registry, default_registry
@@ -296,8 +296,19 @@ class MetricsLogger:
     def log(self, record: Mapping[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(dict(record), allow_nan=True) + "\n")
+        try:
+            _append_line(self.path, json.dumps(dict(record), allow_nan=True))
+        except OSError as exc:  # a full disk: stop before the next checkpoint is due
+            raise VqgenError(
+                f"cannot append to {self.path}: {exc.strerror or exc}. Checkpoints already "
+                "written are whole; free some space and run the same `vqgen train` command "
+                "with --resume to go on"
+            ) from None
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
 
 
 
@@ -399,8 +410,9 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, ckpt_dir: Path | None = None) -> None:
         self.signum: int | None = None
+        self.ckpt_dir = ckpt_dir  # the stage's checkpoint folder, for the message
         self._old: dict[int, Any] = {}
 
     @property
@@ -409,7 +421,12 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:  # a second signal: give up on the graceful stop
-            raise KeyboardInterrupt
+            if self.ckpt_dir is None:
+                raise InterruptedAgain("interrupted again: stopped at once", signum)
+            raise InterruptedAgain(
+                f"interrupted again while stopping: the step or checkpoint in progress was "
+                f"abandoned; every checkpoint in {self.ckpt_dir} is whole (the last one is "
+                f"current); continue with `{resume_command(self.ckpt_dir.parent)}`", signum)
         self.signum = signum
         log.warning("received %s: stopping after this step", signal.Signals(signum).name)
 
@@ -642,7 +659,7 @@ def train_tokenizer(
     run = _Stage1(config, Path(run_dir) if run_dir else None, registry or default_registry(),
                   progress, stage, conditioner)
     tok = run.tok
-    with StopSignals() as stop:
+    with StopSignals(run.ckpt_dir) as stop:
         if hasattr(tok, "fit_step"):
             _fit_loop(run, resume, stop)
         elif hasattr(tok, "build_loss"):
@@ -1036,7 +1053,7 @@ def train_prior(
         model = torch.compile(model)  # type: ignore[assignment]
     bar = progress_bar(cfg.steps, initial=start, desc="prior", enabled=progress)
     t0, sums, n_logs, last = time.time(), 0.0, 0, {}
-    with StopSignals() as stop:
+    with StopSignals(ckpt) as stop:
         try:
             for step in range(start, cfg.steps):
                 lr = lr_at(step, base_lr, cfg.warmup_steps, cfg.steps,

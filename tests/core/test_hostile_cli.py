@@ -1,0 +1,232 @@
+"""One table of hostile CLI input: every case exits 2, prints no traceback, names the
+culprit (file, field or value) and leaves the run directory it points at unchanged.
+
+Each case runs on a fresh copy of a trained tiny run (``class``: four classes;
+``seg``: a segmentation-conditioned run), optionally damaged first; the copy is
+hashed before and after the command. Placeholders in the arguments and in the
+expected message: ``{run}`` (the copy), ``{tmp}`` (a scratch folder with the files
+written by ``_scratch``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from numpy.lib import format as npy_format
+from PIL import Image
+
+from vqgen.core.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _seg_config() -> dict:
+    """The tiny config with a segmentation conditioner (5 labels, its own small VQGAN)."""
+    cfg = yaml.safe_load(TINY.read_text())
+    vq = {"ch": 16, "ch_mult": [1, 2, 2], "n_embed": 16, "embed_dim": 8, "z_channels": 8,
+          "norm_groups": 4, "perceptual_weight": 0, "disc_weight": 0, "kmeans_init": False}
+    cfg["tokenizer"]["params"] = {**vq}
+    cfg["conditioner"] = {"name": "segmentation", "params": {
+        "tokenizer": {"name": "vqgan", "params": {**vq, "in_channels": 5}}}}
+    cfg["prior"]["params"].update(vocab_size=16, cond_vocab_size=17, block_size=128)
+    cfg["train"]["cond"] = {**cfg["train"]["tokenizer"], "steps": 2}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hostile")
+    seg_cfg = root / "seg.yaml"
+    seg_cfg.write_text(yaml.safe_dump(_seg_config()))
+    out = {"class": root / "class", "seg": root / "seg"}
+    assert main(["train", str(TINY), "--run-dir", str(out["class"])]) == 0
+    assert main(["train", str(seg_cfg), "--run-dir", str(out["seg"])]) == 0
+    return out
+
+
+def _npy(path: Path, shape: tuple[int, ...], payload: bytes) -> None:
+    buf = io.BytesIO()
+    npy_format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                            "shape": shape})
+    path.write_bytes(buf.getvalue() + payload)
+
+
+def _labels(path: Path, size: int, top: int) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, top, (size, size)).astype(np.uint8), "L").save(path)
+
+
+def _scratch(tmp: Path) -> None:
+    """Condition files and a data set that the cases point at."""
+    (tmp / "seven.txt").write_text("7\n")
+    _labels(tmp / "seg20.png", 20, 5)  # smaller than the 32×32 training size
+    _labels(tmp / "seg33.png", 33, 5)  # not a multiple of f = 4
+    _labels(tmp / "seg198.png", 32, 200)  # labels beyond n_labels = 5
+    _npy(tmp / "lies.npy", (5000, 5000), b"\0" * 16)  # a header promising 100 MB
+    data = tmp / "data"
+    for folder in ("images/c0", "images/c1", "segmentation"):
+        (data / folder).mkdir(parents=True)
+    for i in range(8):
+        image = np.full((32, 32, 3), 30 * i, np.uint8)
+        Image.fromarray(image).save(data / "images" / f"c{i % 2}" / f"{i:03d}.png")
+        _labels(data / "segmentation" / f"{i:03d}.png", 32, 200 if i == 5 else 5)
+    cfg = _seg_config()
+    cfg["data"] = {"name": "folder", "params": {"root": str(data), "resolution": 32}}
+    (tmp / "bad_labels.yaml").write_text(yaml.safe_dump(cfg))
+    os.mkfifo(tmp / "fifo")
+    (tmp / "dir.png").mkdir()
+
+
+def _unlink_real(rel: str) -> Callable[[Path], None]:
+    return lambda run: (run / rel).resolve().unlink()
+
+
+def _write(rel: str, text: str) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        target = (run / rel).resolve()
+        target.unlink()  # a checkpoint file may be hard-linked into history and best
+        target.write_text(text)
+    return damage
+
+
+def _truncate(rel: str) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        target = (run / rel).resolve()
+        data = target.read_bytes()
+        target.unlink()
+        target.write_bytes(data[:100])
+    return damage
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: list[str]
+    says: list[str]
+    run: str = "class"
+    damage: Callable[[Path], None] | None = field(default=None, compare=False)
+
+
+SAMPLE = ["sample", "{run}", "-o", "{tmp}/out.png"]
+RESUME = ["train", "{run}/config.yaml", "--run-dir", "{run}", "--resume"]
+
+CASES = [
+    # numbers on the sample command line
+    Case("n_zero", [*SAMPLE, "--n", "0"], ["--n must be between 1 and 100000, got 0"]),
+    Case("n_negative", [*SAMPLE, "--n", "-3"], ["--n must be between 1 and 100000, got -3"]),
+    Case("n_huge", [*SAMPLE, "--n", "10000000"], ["--n must be between 1 and 100000"]),
+    Case("seed_huge", [*SAMPLE, "--seed", "99999999999999999999999"],
+         ["--seed must be between 0 and 2**63 - 1"]),
+    Case("seed_negative", [*SAMPLE, "--seed", "-1"], ["--seed must be between 0 and 2**63 - 1"]),
+    Case("size_huge", [*SAMPLE, "--size", "100000x32"],
+         ["--size 100000x32: each side must be 1 to 8192 pixels"]),
+    Case("size_zero", [*SAMPLE, "--size", "0x32"], ["--size 0x32: each side must be 1 to 8192"]),
+    Case("size_text", [*SAMPLE, "--size", "big"], ["--size expects HxW in pixels", "'big'"]),
+    Case("size_not_multiple", [*SAMPLE, "--size", "33x32"], ["33x32", "f=4"]),
+    Case("guidance_nan", [*SAMPLE, "--guidance", "nan"], ["guidance must be a finite number"]),
+    Case("guidance_inf", [*SAMPLE, "--guidance", "inf"], ["guidance must be a finite number"]),
+    Case("sampler_param_no_value", [*SAMPLE, "--sampler-param", "k"],
+         ["--sampler-param expects KEY=VALUE, got 'k'"]),
+    Case("sampler_param_unknown", [*SAMPLE, "--sampler-param", "bogus=1"],
+         ["sampler 'top_k'", "params.bogus"]),
+    # condition files
+    Case("class_out_of_range", [*SAMPLE, "--cond", "{tmp}/seven.txt"],
+         ["--cond {tmp}/seven.txt", "label is 7, outside [0, 4)"]),
+    Case("cond_missing", [*SAMPLE, "--cond", "{tmp}/nothing.png"],
+         ["condition file {tmp}/nothing.png not found"], run="seg"),
+    Case("seg_smaller_than_training", [*SAMPLE, "--cond", "{tmp}/seg20.png"],
+         ["--cond {tmp}/seg20.png", "smaller than the training grid 8x8 (32x32 pixels)"],
+         run="seg"),
+    Case("seg_not_multiple_of_f", [*SAMPLE, "--cond", "{tmp}/seg33.png"],
+         ["--cond {tmp}/seg33.png", "33x33", "f=4"], run="seg"),
+    Case("seg_label_out_of_range", [*SAMPLE, "--cond", "{tmp}/seg198.png"],
+         ["--cond {tmp}/seg198.png", "outside [0, 5) (n_labels=5)"], run="seg"),
+    Case("npy_header_lies", [*SAMPLE, "--cond", "depth={tmp}/lies.npy"],
+         ["{tmp}/lies.npy", "header promises 100000000 bytes"], run="seg"),
+    Case("png_for_a_class_label", [*SAMPLE, "--cond", "{tmp}/seg20.png"],
+         ["condition file {tmp}/seg20.png cannot be read as 'label'"]),
+    # output paths
+    Case("output_is_a_directory", ["sample", "{run}", "-o", "{tmp}/dir.png"],
+         ["refusing to write {tmp}/dir.png: it is a directory"]),
+    Case("output_is_a_fifo", ["sample", "{run}", "-o", "{tmp}/fifo"],
+         ["refusing to write {tmp}/fifo: it is a FIFO"]),
+    Case("output_below_a_file", ["sample", "{run}", "-o", "{tmp}/seven.txt/x.png"],
+         ["cannot write {tmp}/seven.txt/x.png: {tmp}/seven.txt is a file, not a folder"]),
+    # damaged run directories
+    Case("not_a_run", ["sample", "{tmp}/nothing"], ["{tmp}/nothing is not a vqgen run directory"]),
+    Case("weights_truncated", SAMPLE, ["{run}/prior/history/step_000004/weights.safetensors",
+                                       "is not a readable safetensors file"],
+         damage=_truncate("prior/weights.safetensors")),
+    Case("meta_json_foreign", SAMPLE, ["{run}/tokenizer", "not a vqgen checkpoint"],
+         damage=_write("tokenizer/meta.json", json.dumps({"step": 1}))),
+    Case("meta_json_truncated", SAMPLE, ["not a vqgen checkpoint"],
+         damage=_write("prior/meta.json", "{trunc")),
+    Case("pipeline_json_grid_text", SAMPLE, ["{run}/pipeline.json is damaged", "grid"],
+         damage=_write("pipeline.json", '{"grid": "x"}')),
+    Case("pipeline_json_grid_negative", SAMPLE, ["{run}/pipeline.json is damaged", "grid.1"],
+         damage=_write("pipeline.json", '{"grid": [8, -8]}')),
+    Case("config_yaml_damaged", SAMPLE, ["{run}/config.yaml"],
+         damage=_write("config.yaml", "data: [unclosed\n")),
+    Case("tokenizer_meta_missing_resume", RESUME, ["{run}/tokenizer", "no meta.json"],
+         damage=_unlink_real("tokenizer/meta.json")),
+    Case("prior_meta_missing_resume", RESUME, ["{run}/prior", "no meta.json"],
+         damage=_unlink_real("prior/meta.json")),
+    Case("another_config_on_resume", ["train", str(TINY).replace("tiny", "demo"), "--run-dir",
+                                      "{run}", "--resume"], ["differs", "{run}"]),
+    # data
+    Case("training_labels_out_of_range",
+         ["train", "{tmp}/bad_labels.yaml", "--run-dir", "{tmp}/fresh"],
+         ["{tmp}/data/segmentation/005.png", "has label", "outside [0, 5)"]),
+]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every path below ``root`` (but the lock file) → its content hash or link target."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        if rel.startswith(".lock"):
+            continue
+        out[rel] = (f"-> {os.readlink(p)}" if p.is_symlink() else
+                    hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_cli_input_exits_2_names_the_culprit_and_changes_nothing(
+    case: Case, runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(runs[case.run], run, symlinks=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    _scratch(scratch)
+    if case.damage is not None:
+        case.damage(run)
+    before = _tree(run)
+
+    def fill(s: str) -> str:
+        return s.replace("{run}", str(run)).replace("{tmp}", str(scratch))
+
+    capsys.readouterr()
+    code = main([fill(a) for a in case.argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "\nvqgen: error: " in f"\n{err}", err
+    for says in case.says:
+        assert fill(says) in err, err
+    assert _tree(run) == before
+    assert not (scratch / "out.png").exists()
