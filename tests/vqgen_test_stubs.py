@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -36,12 +36,13 @@ class StubPrior(vqgen.Prior):
     """Stand-in prior for config tests: uniform logits."""
 
     class Params(vqgen.ParamsModel):
-        vocab_size: int = Field(16, ge=1)
+        vocab_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"  # the assembly's
         n_head: int = Field(2, ge=1)
 
-    def __init__(self, vocab_size: int = 16, n_head: int = 2) -> None:
+    def __init__(self, vocab_size: int | Literal["auto"] = "auto", n_head: int = 2) -> None:
         super().__init__(vocab_size=vocab_size, n_head=n_head)
-        self.vocab_size = vocab_size
+        vqgen.require_wired(self, ("vocab_size",))
+        self.vocab_size = int(vocab_size)
 
     def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         return torch.zeros(*seq.shape, self.vocab_size)  # (B, L, V)

@@ -11,6 +11,8 @@ from vqgen.core.config import ComponentSpec, ConfigError, PipelineConfig, load_c
 from vqgen.core.errors import VqgenError
 from vqgen.core.hookspecs import hookimpl
 from vqgen.core.interfaces import (
+    AUTO,
+    Auto,
     Component,
     Conditioner,
     NoParams,
@@ -18,7 +20,9 @@ from vqgen.core.interfaces import (
     ParamsModel,
     Prior,
     Sampler,
+    Sizes,
     Tokenizer,
+    require_wired,
 )
 from vqgen.core.pipeline import Generation, Pipeline
 from vqgen.core.registry import (
@@ -35,7 +39,9 @@ from vqgen.core.runs import load_run, train
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUTO",
     "KINDS",
+    "Auto",
     "Component",
     "ComponentError",
     "ComponentSpec",
@@ -50,6 +56,7 @@ __all__ = [
     "Prior",
     "Registry",
     "Sampler",
+    "Sizes",
     "Tokenizer",
     "VqgenError",
     "__version__",
@@ -60,5 +67,6 @@ __all__ = [
     "load_config",
     "load_run",
     "register",
+    "require_wired",
     "train",
 ]

@@ -25,7 +25,7 @@ TINY_SEG: dict[str, Any] = {**_ARCH, "n_embed": 16, "n_labels": 5}
 SPATIAL: dict[str, tuple[str, dict[str, Any]]] = {
     "segmentation": ("segmentation", {"tokenizer": {"name": "vqgan_segmentation",
                                                     "params": TINY_SEG}}),
-    "segmentation_downsample": ("segmentation", {"mode": "downsample"}),
+    "segmentation_downsample": ("segmentation", {"mode": "downsample", "downsample": 4}),
     "depth": ("depth", {"tokenizer": {"name": "vqgan", "params": TINY_MAP}}),
     "edge": ("edge", {"tokenizer": {"name": "vqgan", "params": TINY_MAP}}),
     "pose": ("pose", {"tokenizer": {"name": "vqgan", "params": TINY_MAP}}),

@@ -87,10 +87,17 @@ def test_default_cond_stage_matches_the_default_image_grid(name: str) -> None:
 
 
 def test_tokenizer_spec_errors() -> None:
+    # input channels left out: what the conditioner feeds; given and different: an error
+    depth = vqgen.create("conditioner", "depth", {"tokenizer": {"name": "vqgan", "params": {}}})
+    assert depth.tokenizer.in_channels == 1
+    assert depth.params.tokenizer.params["in_channels"] == 1  # recorded in the config
+    assert vqgen.create("conditioner", "segmentation", {"n_labels": 7}).tokenizer.in_channels == 7
     with pytest.raises(VqgenError, match="in_channels: 1"):
-        vqgen.create("conditioner", "depth", {"tokenizer": {"name": "vqgan", "params": {}}})
+        vqgen.create("conditioner", "depth", {"tokenizer": {"name": "vqgan",
+                                                            "params": {"in_channels": 3}}})
     with pytest.raises(VqgenError, match="n_labels: 7"):
-        vqgen.create("conditioner", "segmentation", {"n_labels": 7})
+        vqgen.create("conditioner", "segmentation", {"n_labels": 7, "tokenizer": {
+            "name": "vqgan_segmentation", "params": {"n_labels": 5}}})
     with pytest.raises(VqgenError, match="unknown tokenizer 'vqgna'.*vqgan"):
         vqgen.create("conditioner", "edge", {"tokenizer": {"name": "vqgna"}})
     with pytest.raises(vqgen.ComponentError, match="tokenizer.colour"):
@@ -208,8 +215,10 @@ def test_pose_rendering() -> None:
     three = vqgen.create("conditioner", "pose", {"channels": 3, "tokenizer": {
         "name": "vqgan", "params": {**TINY_MAP, "in_channels": 3}}})
     assert three.render(kp, (32, 32)).shape == (1, 3, 32, 32)
+    assert vqgen.create("conditioner", "pose", {"channels": 3}).tokenizer.in_channels == 3
     with pytest.raises(VqgenError, match="in_channels: 3"):
-        vqgen.create("conditioner", "pose", {"channels": 3})
+        vqgen.create("conditioner", "pose", {"channels": 3, "tokenizer": {
+            "name": "vqgan", "params": {**TINY_MAP, "in_channels": 1}}})
 
 
 def test_pose_skeletons() -> None:

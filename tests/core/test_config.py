@@ -76,9 +76,10 @@ def test_three_formats_load_to_the_same_resolved_config(
     from_toml = load_config(write(tmp_path, "c.toml", TOML_TEXT), test_registry)
     from_json = load_config(write(tmp_path, "c.json", json.dumps(BASE)), test_registry)
     assert from_yaml == from_toml == from_json
-    # params are stored resolved: defaults filled in, user values kept
+    # params are stored resolved: defaults filled in, user values kept, and sizes that
+    # follow from other stages wired (the prior's vocabulary is the tokenizer's)
     assert from_yaml.tokenizer.params == {"n_embed": 32, "downsample": 4}
-    assert from_yaml.prior.params == {"vocab_size": 16, "n_head": 4}
+    assert from_yaml.prior.params == {"vocab_size": 32, "n_head": 4}
     assert from_yaml.ordering.params == {}
     assert from_yaml.sampler is None
     assert from_yaml.train.tokenizer.steps == 10 and from_yaml.train.prior.batch_size == 32

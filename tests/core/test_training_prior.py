@@ -114,7 +114,8 @@ def test_lr_schedule_and_decay_groups() -> None:
     assert lr_at(100, 1.0, 10, 100) == pytest.approx(0.1)
     assert lr_at(5, 1.0, 10, 100, schedule="constant") == pytest.approx(0.6)
     assert lr_at(55, 1.0, 10, 100, schedule="constant") == 1.0
-    gpt = vqgen.create("prior", "gpt", {"n_layer": 1, "n_embd": 32, "n_head": 2})
+    gpt = vqgen.create("prior", "gpt", {"n_layer": 1, "n_embd": 32, "n_head": 2,
+                                        "vocab_size": 16, "block_size": 16})
     decay, no_decay = optimizer_groups(gpt, 0.01)
     linear_weights = {id(m.weight) for m in gpt.modules() if isinstance(m, torch.nn.Linear)}
     assert {id(p) for p in decay["params"]} == linear_weights

@@ -78,8 +78,11 @@ def test_constructor_and_registry() -> None:
     reg = vqgen.default_registry().copy()
     if "gpt" not in reg.list("prior"):
         reg.add("prior", "gpt", GPT)
-    m = reg.create("prior", "gpt", {"n_layer": 1, "n_embd": 64, "n_head": 4})
-    assert isinstance(m, GPT) and m.params.n_layer == 1
+    m = reg.create("prior", "gpt", {"n_layer": 1, "n_embd": 64, "n_head": 4, "vocab_size": 16,
+                                    "block_size": 64})
+    assert isinstance(m, GPT) and m.params.n_layer == 1 and m.params.cond_vocab_size == 0
+    with pytest.raises(vqgen.VqgenError, match="vocab_size, block_size are 'auto'"):
+        reg.create("prior", "gpt", {"n_layer": 1})  # sizes that a config would wire
     with pytest.raises(ComponentError, match="n_embd=60 is not divisible by n_head=8"):
         reg.create("prior", "gpt", {"n_embd": 60})
     with pytest.raises(ComponentError, match="start_token"):

@@ -66,12 +66,16 @@ def test_constructor_and_registry() -> None:
     reg = vqgen.default_registry().copy()
     if "pixelsnail" not in reg.list("prior"):
         reg.add("prior", "pixelsnail", PixelSNAIL)
-    m = reg.create("prior", "pixelsnail", {"height": 4, "width": 4, "channels": 32})
+    m = reg.create("prior", "pixelsnail", {"height": 4, "width": 4, "vocab_size": 8,
+                                           "channels": 32})
     assert isinstance(m, PixelSNAIL) and m.params.channels == 32
+    assert (m.params.cond_vocab_size, m.params.cond_spatial) == (0, False)  # built alone
     with pytest.raises(ComponentError, match="kernel_size must be odd"):
         reg.create("prior", "pixelsnail", {"kernel_size": 4})
     with pytest.raises(ComponentError, match="cond_spatial=True needs cond_vocab_size"):
-        reg.create("prior", "pixelsnail", {"cond_spatial": True})
+        reg.create("prior", "pixelsnail", {"cond_spatial": True, "cond_vocab_size": 0})
+    with pytest.raises(vqgen.VqgenError, match="height, width, vocab_size are 'auto'"):
+        reg.create("prior", "pixelsnail", {})  # sizes that a config would wire
 
 
 @pytest.mark.parametrize("strict", [True, False])

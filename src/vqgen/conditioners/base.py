@@ -26,7 +26,7 @@ from pydantic import Field
 
 from vqgen.core.data import ConditionInputs
 from vqgen.core.errors import SampleError, VqgenError
-from vqgen.core.interfaces import Conditioner, ParamsModel, Tokenizer
+from vqgen.core.interfaces import Conditioner, ParamsModel, Sizes, Tokenizer
 from vqgen.core.registry import default_registry
 
 __all__ = [
@@ -126,9 +126,34 @@ class SpatialConditioner(Conditioner):
         self.vocab_size = n + int(null_token)
         self.null_id = self.vocab_size - 1 if null_token else None
 
+    @classmethod
+    def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+        """Besides the ``"auto"`` fields: the own tokenizer's downsampling factor, where
+        its params leave it out, becomes the image tokenizer's f, so that the condition
+        grid lies cell by cell on the image grid (its input channels are filled in when
+        it is built: the conditioner knows what it feeds it)."""
+        out = super().wire(params, sizes)
+        spec = out.get("tokenizer")
+        if isinstance(spec, dict) and "name" in spec and sizes.downsample is not None:
+            tok_cls = default_registry().get("tokenizer", spec["name"]).cls
+            nested = tok_cls.with_downsample(dict(spec.get("params") or {}), sizes.downsample)
+            out["tokenizer"] = {**spec, "params": nested}
+        return out
+
+    def condition_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """``(hc, wc)``: the own tokenizer's grid for ``height × width`` pixel maps."""
+        if self.tokenizer is None:
+            raise TypeError(f"{type(self).__name__} has no tokenizer of its own")
+        return tuple(self.tokenizer.latent_shape(height, width))
+
     def _build_tokenizer(self, spec: TokenizerSpec, channels: int, channel_param: str) -> Tokenizer:
         who = type(self).__name__
         try:
+            fields = default_registry().get("tokenizer", spec.name).params_model.model_fields
+            if channel_param not in fields:  # e.g. a plain VQGAN given one-hot label maps
+                channel_param = "in_channels"
+            if channel_param in fields and channel_param not in spec.params:
+                spec.params = {channel_param: channels, **spec.params}  # what it is fed
             tok = default_registry().create("tokenizer", spec.name, spec.params)
         except VqgenError as exc:
             raise VqgenError(

@@ -35,8 +35,9 @@ from vqgen.core.interfaces import ParamsModel
 
 __all__ = ["MAP_TOKENIZER", "DepthConditioner", "load_depth", "normalize_per_image"]
 
-#: Default cond stage of the 1-channel maps (depth, edges, pose): a small f = 4 VQGAN.
-MAP_TOKENIZER = TokenizerSpec(name="vqgan", params={"in_channels": 1, "ch": 32, "n_embed": 256})
+#: Default cond stage of rendered maps (depth, edges, pose): a small VQGAN; its input
+#: channels and f are filled in (what the conditioner feeds it, the image tokenizer's f).
+MAP_TOKENIZER = TokenizerSpec(name="vqgan", params={"ch": 32, "n_embed": 256})
 
 
 def load_depth(paths: Sequence[str | os.PathLike[str]]) -> torch.Tensor:

@@ -16,7 +16,7 @@ Ids: the tokenizer's codes (or the labels), then the null token.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,12 @@ from vqgen.conditioners.base import (
     require,
 )
 from vqgen.core.errors import SampleError, VqgenError
-from vqgen.core.interfaces import ParamsModel
+from vqgen.core.interfaces import AUTO, Auto, ParamsModel, require_wired
 
 __all__ = ["SEGMENTATION_TOKENIZER", "SegmentationConditioner"]
 
-#: Default cond stage: a small f = 4 segmentation VQGAN for the shapes labels.
-SEGMENTATION_TOKENIZER = TokenizerSpec(
-    name="vqgan_segmentation", params={"n_labels": 5, "ch": 32, "n_embed": 256}
-)
+#: Default cond stage: a small segmentation VQGAN (its n_labels and f are filled in).
+SEGMENTATION_TOKENIZER = TokenizerSpec(name="vqgan_segmentation", params={"ch": 32, "n_embed": 256})
 
 
 class SegmentationConditioner(SpatialConditioner):
@@ -52,7 +50,9 @@ class SegmentationConditioner(SpatialConditioner):
             "vqgan", description="vqgan: its own tokenizer; downsample: majority vote"
         )
         n_labels: int = Field(5, ge=2, description="label values, background included")
-        downsample: int = Field(4, ge=1, description="block size of the majority vote")
+        downsample: Annotated[int, Field(ge=1)] | Auto = Field(
+            AUTO, description="block size of the majority vote (auto: the image tokenizer's f)"
+        )
         tokenizer: TokenizerSpec = Field(
             default_factory=lambda: SEGMENTATION_TOKENIZER.model_copy(deep=True),
             description="the cond stage (mode vqgan); its n_labels must match",
@@ -63,7 +63,7 @@ class SegmentationConditioner(SpatialConditioner):
         self,
         mode: Literal["vqgan", "downsample"] = "vqgan",
         n_labels: int = 5,
-        downsample: int = 4,
+        downsample: int | Auto = AUTO,
         tokenizer: TokenizerSpec | Mapping[str, Any] = SEGMENTATION_TOKENIZER,
         null_token: bool = True,
     ) -> None:
@@ -75,6 +75,7 @@ class SegmentationConditioner(SpatialConditioner):
         if p.mode == "vqgan":
             self.init_tokenizer(p.tokenizer, p.n_labels, p.null_token, channel_param="n_labels")
         else:
+            require_wired(self, ("downsample",))
             self.tokenizer = None  # majority vote: nothing to train
             self.set_vocab(p.n_labels, p.null_token)
 
@@ -109,11 +110,20 @@ class SegmentationConditioner(SpatialConditioner):
         onehot = F.one_hot(self.labels(batch), self.params.n_labels)  # (B, H, W, n)
         return rearrange(onehot, "b h w n -> b n h w").float()
 
+    def condition_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """``(hc, wc)``: the own tokenizer's grid, or the majority-vote blocks'."""
+        if self.tokenizer is not None:
+            return super().condition_shape(height, width)
+        f = int(self.params.downsample)
+        if height % f or width % f:
+            raise ValueError(f"{height}x{width} maps are not divisible by downsample={f}")
+        return height // f, width // f
+
     def grid(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """``[B, hc, wc]`` codes (vqgan) or majority labels (downsample)."""
         if self.tokenizer is not None:
             return self.encode(self.condition_input(batch))
-        f = self.params.downsample
+        f = int(self.params.downsample)
         onehot = self.condition_input(batch)  # (B, n, H, W)
         h, w = onehot.shape[-2:]
         if h % f or w % f:

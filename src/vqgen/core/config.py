@@ -223,6 +223,10 @@ def _resolve_components(cfg: PipelineConfig, registry: Registry | None) -> list[
             problems.append((f"{section}.params", f"{type(exc).__name__}: {exc}"))
             continue
         spec.params = params.model_dump(mode="json")
+    if not problems:  # every size that follows from another stage (see core.wiring)
+        from vqgen.core.wiring import wire_config
+
+        problems = wire_config(cfg, registry)
     return problems
 
 

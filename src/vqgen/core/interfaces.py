@@ -17,13 +17,16 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 __all__ = [
+    "AUTO",
+    "Auto",
     "Component",
     "Conditioner",
     "InitFromCodeVectors",
@@ -32,7 +35,9 @@ __all__ = [
     "ParamsModel",
     "Prior",
     "Sampler",
+    "Sizes",
     "Tokenizer",
+    "require_wired",
     "signature_problems",
 ]
 
@@ -72,6 +77,28 @@ def signature_problems(cls: type) -> list[str]:
     return problems
 
 
+#: The value of a size that the pipeline's assembly takes from the other stages.
+AUTO = "auto"
+Auto = Literal["auto"]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What the other stages fix for one component's sizes (see :meth:`Component.wire`).
+
+    ``None``: not known here (e.g. the grid, where the data names no resolution).
+    """
+
+    vocab_size: int | None = None  # the image tokenizer's codes
+    downsample: int | None = None  # the image tokenizer's f
+    height: int | None = None  # rows of the latent grid at the data's resolution
+    width: int | None = None  # its columns
+    cond_vocab_size: int = 0  # the conditioner's ids (0: no conditioner)
+    cond_length: int = 0  # condition tokens per sample, Lc (0: no conditioner)
+    cond_spatial: bool = False  # the condition is a token map aligned with the grid
+    in_channels: int | None = None  # channels fed to a nested (cond-stage) tokenizer
+
+
 class Component(ABC):  # noqa: B024 (abstract by role; subclasses add the methods)
     """Mixin shared by all components: validates and stores constructor fields.
 
@@ -84,6 +111,50 @@ class Component(ABC):  # noqa: B024 (abstract by role; subclasses add the method
     def __init__(self, **fields: Any) -> None:
         super().__init__()  # nn.Module.__init__ where the component is a module
         self.params = type(self).Params(**fields)
+
+    @classmethod
+    def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+        """``params`` (resolved, every field) with each ``"auto"`` value whose name is a
+        field of :class:`Sizes` replaced by that size. Components whose sizes follow
+        from others in other ways (GPT's ``block_size``) extend this; a size that
+        cannot be resolved, or an explicit one that cannot work, raises ValueError."""
+        out = dict(params)
+        for name in params:
+            if params[name] == AUTO and name in Sizes.__dataclass_fields__:
+                value = getattr(sizes, name)
+                if value is None:
+                    raise ValueError(f"{name}: 'auto' cannot be resolved here ({_UNKNOWN[name]}); "
+                                     "give a number")
+                out[name] = value
+        return out
+
+
+_UNKNOWN = {
+    "vocab_size": "no tokenizer", "downsample": "no tokenizer",
+    "height": "the data names no resolution", "width": "the data names no resolution",
+    "in_channels": "no conditioner feeds this tokenizer",
+}
+
+
+def require_wired(component: Component, names: tuple[str, ...],
+                  alone: Mapping[str, Any] | None = None) -> None:
+    """Raise when a size in ``names`` is still ``"auto"``: a component built directly
+    (not through a config) must be given the numbers that assembly would resolve.
+    ``alone`` maps sizes that have a meaning without other stages (no conditioner: 0
+    condition ids) to that value, which replaces their ``"auto"`` in ``params``."""
+    fixed = {n: v for n, v in (alone or {}).items() if getattr(component.params, n) == AUTO}
+    if fixed:
+        component.params = component.params.model_copy(update=fixed)
+    left = [n for n in names if getattr(component.params, n) == AUTO]
+    if left:
+        from vqgen.core.errors import VqgenError
+
+        who = type(component).__name__
+        raise VqgenError(
+            f"{who}: {', '.join(left)} {'is' if len(left) == 1 else 'are'} 'auto', which a "
+            f"pipeline config resolves from the other stages (vqgen.load_config, `vqgen "
+            f"train`); building {who} directly, give {'it' if len(left) == 1 else 'them'}"
+        )
 
 
 class Tokenizer(Component, nn.Module):
@@ -106,6 +177,13 @@ class Tokenizer(Component, nn.Module):
     @abstractmethod
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """``[B, h, w]`` int64 codes → ``[B, C, H, W]`` float image."""
+
+    @classmethod
+    def with_downsample(cls, params: dict[str, Any], f: int) -> dict[str, Any]:
+        """Given (unresolved) ``params`` of a nested (cond-stage) tokenizer, the same with
+        what sets its downsampling factor filled in as ``f`` where the user left it out.
+        The default leaves them as they are (a tokenizer whose f is fixed)."""
+        return params
 
     def code_vectors(self) -> torch.Tensor | None:
         """``[vocab_size, d]`` float: what each code stands for (its codebook entry, a
@@ -157,6 +235,12 @@ class Conditioner(Component, nn.Module):
     def grid(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Spatial conditioners: condition tokens as a grid ``[B, hc, wc]`` int64."""
         raise TypeError(f"{type(self).__name__} is not a spatial conditioner")
+
+    def condition_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one sample's condition tokens for images of ``height × width``
+        pixels: ``(1,)`` for one token (a class); ``(hc, wc)`` for a spatial map. The
+        pipeline's assembly sizes the prior from it (``Lc`` is the product)."""
+        return (1,)
 
     def condition_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Spatial conditioners: what their own tokenizer encodes, ``[B, C, H, W]``."""

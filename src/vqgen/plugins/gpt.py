@@ -46,7 +46,7 @@ position that predicts it too (``block_size = Lc + L - 1``). All use the one tab
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,20 +55,23 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vqgen.core.attention import attention
-from vqgen.core.interfaces import ParamsModel, Prior
+from vqgen.core.interfaces import AUTO, Auto, ParamsModel, Prior, Sizes, require_wired
 
 __all__ = ["GPT", "GPTState", "KVCache"]
 
 class GPTParams(ParamsModel):
     """Config of :class:`GPT`; Tab. 8 of the paper gives the sizes it used."""
 
-    vocab_size: int = Field(512, ge=1, le=1 << 20, description="image codes: ids [0, vocab_size)")
-    cond_vocab_size: int = Field(
-        0, ge=0, le=1 << 20, description="condition ids [vocab_size, vocab_size + cond_vocab_size)"
+    vocab_size: Annotated[int, Field(ge=1, le=1 << 20)] | Auto = Field(
+        AUTO, description="image codes: ids [0, vocab_size) (auto: the tokenizer's)"
     )
-    block_size: int = Field(
-        256, ge=1, le=1 << 16,
-        description="transformer positions: max(Lc, 1) + L - 1 (cond_fusion add: L)",
+    cond_vocab_size: Annotated[int, Field(ge=0, le=1 << 20)] | Auto = Field(
+        AUTO, description="condition ids [vocab_size, vocab_size + cond_vocab_size) "
+        "(auto: the conditioner's; 0 without one)",
+    )
+    block_size: Annotated[int, Field(ge=1, le=1 << 16)] | Auto = Field(
+        AUTO, description="transformer positions: max(Lc, 1) + L - 1 (cond_fusion add: L); "
+        "auto: exactly that, for the data's latent grid",
     )
     n_layer: int = Field(12, ge=1, le=256)
     n_head: int = Field(8, ge=1, le=256)
@@ -96,7 +99,9 @@ class GPTParams(ParamsModel):
     def _check(self) -> GPTParams:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        rows = self.vocab_size + self.cond_vocab_size
+        if self.vocab_size == AUTO:
+            return self  # checked once assembly has resolved it
+        rows = self.vocab_size + (0 if self.cond_vocab_size == AUTO else self.cond_vocab_size)
         if self.start_token != "learned" and self.start_token >= rows:
             raise ValueError(
                 f"start_token={self.start_token} is not an id of the embedding table "
@@ -218,9 +223,9 @@ class GPT(Prior):
 
     def __init__(
         self,
-        vocab_size: int = 512,
-        cond_vocab_size: int = 0,
-        block_size: int = 256,
+        vocab_size: int | Auto = AUTO,
+        cond_vocab_size: int | Auto = AUTO,
+        block_size: int | Auto = AUTO,
         n_layer: int = 12,
         n_head: int = 8,
         n_embd: int = 256,
@@ -247,6 +252,7 @@ class GPT(Prior):
             tok_emb_init=tok_emb_init,
             cond_fusion=cond_fusion,
         )
+        require_wired(self, ("vocab_size", "block_size"), alone={"cond_vocab_size": 0})
         p = self.params
         assert isinstance(p, GPTParams)
         self.vocab_size = p.vocab_size
@@ -273,6 +279,33 @@ class GPT(Prior):
         self.ln_f = nn.LayerNorm(p.n_embd)
         self.head = nn.Linear(p.n_embd, p.vocab_size, bias=False)
         self.apply(self._init_weights)
+
+    @classmethod
+    def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+        """Vocabularies from the tokenizer and conditioner; ``block_size`` from the
+        latent grid and the condition's length (an explicit one must be large enough)."""
+        out = super().wire(params, sizes)
+        if sizes.height is None or sizes.width is None:
+            if out["block_size"] == AUTO:
+                raise ValueError("block_size: 'auto' needs the latent grid, which needs the "
+                                 "data's resolution (data.params.resolution); give block_size")
+            return out
+        length = sizes.height * sizes.width
+        fusion = out.get("cond_fusion", "prefix")
+        if fusion != "prefix" and sizes.cond_spatial and sizes.cond_length != length:
+            raise ValueError(
+                f"cond_fusion: {fusion} adds the condition cell by cell, but the condition "
+                f"has {sizes.cond_length} tokens and the image {length}: give the "
+                "conditioner's tokenizer the image tokenizer's f (leave its ch_mult out)")
+        need = length if fusion == "add" else max(sizes.cond_length, 1) + length - 1
+        if out["block_size"] == AUTO:
+            out["block_size"] = need
+        elif out["block_size"] < need:
+            raise ValueError(
+                f"block_size: {out['block_size']} is too small: {sizes.cond_length} condition "
+                f"+ {length} image tokens ({sizes.height}x{sizes.width}) need {need} "
+                "positions; leave block_size out (auto) or raise it")
+        return out
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

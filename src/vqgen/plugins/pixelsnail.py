@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,20 +44,24 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vqgen.core.attention import attention
-from vqgen.core.interfaces import ParamsModel, Prior
+from vqgen.core.interfaces import AUTO, Auto, ParamsModel, Prior, Sizes, require_wired
 
 __all__ = ["PixelSNAIL", "PixelSNAILState"]
 
 class PixelSNAILParams(ParamsModel):
     """Config of :class:`PixelSNAIL`."""
 
-    height: int = Field(16, ge=1, le=1024, description="rows of the latent grid")
-    width: int = Field(16, ge=1, le=1024, description="columns of the latent grid")
-    vocab_size: int = Field(512, ge=1, le=1 << 20, description="image codes: ids [0, vocab_size)")
-    cond_vocab_size: int = Field(
-        0, ge=0, description="condition ids [vocab_size, vocab_size + cond_vocab_size)"
-    )
-    cond_spatial: bool = Field(False, description="condition is a token map (else one token)")
+    height: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
+        AUTO, description="rows of the latent grid (auto: the data's)")
+    width: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
+        AUTO, description="columns of the latent grid (auto: the data's)")
+    vocab_size: Annotated[int, Field(ge=1, le=1 << 20)] | Auto = Field(
+        AUTO, description="image codes: ids [0, vocab_size) (auto: the tokenizer's)")
+    cond_vocab_size: Annotated[int, Field(ge=0, le=1 << 20)] | Auto = Field(
+        AUTO, description="condition ids [vocab_size, vocab_size + cond_vocab_size) "
+        "(auto: the conditioner's; 0 without one)")
+    cond_spatial: bool | Auto = Field(
+        AUTO, description="condition is a token map (else one token); auto: the conditioner's")
     channels: int = Field(128, ge=1, le=4096)
     n_blocks: int = Field(2, ge=1, le=64, description="blocks of residual layers (+ attention)")
     n_res_blocks: int = Field(2, ge=1, le=64, description="gated residual blocks per block")
@@ -76,7 +80,7 @@ class PixelSNAILParams(ParamsModel):
             raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
         if self.use_attention and self.channels % self.n_head:
             raise ValueError(f"channels={self.channels} is not divisible by n_head={self.n_head}")
-        if self.cond_spatial and self.cond_vocab_size == 0:
+        if self.cond_spatial is True and self.cond_vocab_size == 0:
             raise ValueError("cond_spatial=True needs cond_vocab_size > 0")
         return self
 
@@ -241,13 +245,31 @@ class PixelSNAIL(Prior):
 
     Params = PixelSNAILParams
 
+    @classmethod
+    def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+        """Grid, vocabularies and condition kind from the other stages; an explicit grid
+        must be the data's."""
+        out = super().wire(params, sizes)
+        for name in ("height", "width"):
+            have = getattr(sizes, name)
+            if have is not None and out[name] != have:
+                raise ValueError(f"{name}: {out[name]}, but the data's latent grid is "
+                                 f"{sizes.height}x{sizes.width}; leave it out (auto)")
+        if out["cond_spatial"] and sizes.height is not None and (
+                sizes.cond_length != sizes.height * sizes.width):
+            raise ValueError(
+                f"cond_spatial: the condition has {sizes.cond_length} tokens, not one per "
+                f"cell of the {sizes.height}x{sizes.width} grid: give the conditioner's "
+                "tokenizer the image tokenizer's f (leave its ch_mult out)")
+        return out
+
     def __init__(
         self,
-        height: int = 16,
-        width: int = 16,
-        vocab_size: int = 512,
-        cond_vocab_size: int = 0,
-        cond_spatial: bool = False,
+        height: int | Auto = AUTO,
+        width: int | Auto = AUTO,
+        vocab_size: int | Auto = AUTO,
+        cond_vocab_size: int | Auto = AUTO,
+        cond_spatial: bool | Auto = AUTO,
         channels: int = 128,
         n_blocks: int = 2,
         n_res_blocks: int = 2,
@@ -274,6 +296,8 @@ class PixelSNAIL(Prior):
             attention=attention,
             dropout=dropout,
         )
+        require_wired(self, ("height", "width", "vocab_size"),
+                      alone={"cond_vocab_size": 0, "cond_spatial": False})
         p = self.params
         assert isinstance(p, PixelSNAILParams)
         self.height, self.width = p.height, p.width

@@ -21,7 +21,7 @@ z_channels: 256, embed_dim: 256, n_embed: 1024``.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,14 @@ class _VQModel(Tokenizer):
     quantize: VectorQuantizer
     post_quant_conv: nn.Conv2d
     decoder: Decoder
+
+    @classmethod
+    def with_downsample(cls, params: dict[str, Any], f: int) -> dict[str, Any]:
+        """``ch_mult`` left out → one level per halving, ``(1, 2, 2, ...)``, for factor ``f``
+        (the default ``(1, 2, 2)`` at f = 4); ``f`` must then be a power of two."""
+        if "ch_mult" in params or f < 1 or f & (f - 1):
+            return params
+        return {**params, "ch_mult": [1] + [2] * (f.bit_length() - 1)}
 
     def quantize_latents(self, x: torch.Tensor) -> QuantizerOutput:
         """``[B, C, H, W]`` → the quantizer's output for the encoder's latents."""

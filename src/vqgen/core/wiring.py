@@ -1,0 +1,133 @@
+"""Assembly: every size that follows from another stage, resolved from that stage.
+
+A config leaves such sizes ``"auto"`` (the default): the prior's vocabulary is the
+tokenizer's, its condition vocabulary and length the conditioner's, its positions or
+grid the data's resolution over the tokenizer's f; a spatial conditioner's own
+tokenizer gets the image tokenizer's f and the channels the conditioner feeds it.
+:func:`wire_config` builds the tokenizer and the conditioner (on the ``meta`` device:
+no memory, no weights) to learn those sizes, lets each component fill in its own
+(:meth:`Component.wire`), and checks explicit values against what the stages need.
+A loaded config therefore holds numbers only, and a run's ``config.yaml`` records them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import ValidationError
+
+from vqgen.core.interfaces import AUTO, Sizes
+from vqgen.core.registry import Registry, format_validation_error
+
+if TYPE_CHECKING:
+    from vqgen.core.config import ComponentSpec, PipelineConfig
+
+__all__ = ["stage_sizes", "wire_config"]
+
+Problems = list[tuple[str, str]]
+
+
+class _Stop(Exception):
+    """A problem that makes the remaining stages unresolvable."""
+
+    def __init__(self, problems: Problems) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+def _build(registry: Registry, kind: str, spec: ComponentSpec, section: str) -> Any:
+    """The component of ``spec``, built on the meta device where it allows (else on CPU)."""
+    try:
+        try:
+            with torch.device("meta"):
+                return registry.create(kind, spec.name, spec.params)
+        except (RuntimeError, NotImplementedError, TypeError):  # needs real tensors
+            return registry.create(kind, spec.name, spec.params)
+    except Exception as exc:  # noqa: BLE001 (a plugin's constructor may raise anything)
+        raise _Stop([(f"{section}.params", f"cannot build it: {exc}")]) from None
+
+
+def _rewire(registry: Registry, kind: str, spec: ComponentSpec, section: str,
+            sizes: Sizes) -> None:
+    """``spec.params`` with its ``"auto"`` sizes resolved by its class, validated."""
+    entry = registry.get(kind, spec.name)
+    try:
+        params = entry.cls.wire(dict(spec.params), sizes)
+        spec.params = entry.params_model.model_validate(params).model_dump(mode="json")
+    except ValidationError as err:
+        raise _Stop(format_validation_error(err, f"{section}.params")) from None
+    except ValueError as exc:
+        field, sep, reason = str(exc).partition(": ")
+        if sep and field.isidentifier():
+            raise _Stop([(f"{section}.params.{field}", reason)]) from None
+        raise _Stop([(f"{section}.params", str(exc))]) from None
+
+
+def stage_sizes(cfg: PipelineConfig, registry: Registry) -> Sizes:
+    """What the tokenizer, data and conditioner of ``cfg`` fix for the prior (resolving
+    the conditioner's own ``"auto"`` sizes in ``cfg`` on the way)."""
+    tok = _build(registry, "tokenizer", cfg.tokenizer, "tokenizer")
+    res = cfg.data.params.get("resolution")
+    grid = None
+    if isinstance(res, int) and not isinstance(res, bool):
+        try:
+            grid = tok.latent_shape(res, res)
+        except ValueError as exc:
+            raise _Stop([("data.params.resolution", f"{res} does not suit tokenizer "
+                          f"{cfg.tokenizer.name!r}: {exc}")]) from None
+    sizes = Sizes(vocab_size=int(tok.vocab_size), downsample=int(tok.downsample),
+                  height=grid[0] if grid else None, width=grid[1] if grid else None)
+    if cfg.conditioner is None:
+        return sizes
+    _rewire(registry, "conditioner", cfg.conditioner, "conditioner", sizes)
+    cond = _build(registry, "conditioner", cfg.conditioner, "conditioner")
+    cfg.conditioner.params = cond.params.model_dump(mode="json")  # what building filled in
+    length = 0
+    if grid is not None or not cond.spatial:
+        try:
+            length = math.prod(cond.condition_shape(res, res) if grid else (1,))
+        except (ValueError, TypeError) as exc:
+            raise _Stop([("conditioner.params", f"cannot tokenize {res}x{res} conditions: "
+                          f"{exc}")]) from None
+    return dataclasses.replace(sizes, cond_vocab_size=int(cond.vocab_size), cond_length=length,
+                               cond_spatial=bool(cond.spatial))
+
+
+def wire_config(cfg: PipelineConfig, registry: Registry) -> Problems:
+    """Resolve every ``"auto"`` size of ``cfg`` in place and check the explicit ones;
+    returns ``(dotted path, reason)`` problems (none: ``cfg`` is ready to build)."""
+    try:
+        sizes = stage_sizes(cfg, registry)
+    except _Stop as stop:
+        return stop.problems
+    if cfg.prior is None:
+        return []
+    problems = _explicit_vocabularies(cfg, sizes)
+    try:
+        _rewire(registry, "prior", cfg.prior, "prior", sizes)
+    except _Stop as stop:
+        problems += stop.problems
+    return problems
+
+
+def _explicit_vocabularies(cfg: PipelineConfig, sizes: Sizes) -> Problems:
+    """Explicit prior vocabularies that differ from the stages' (0 condition ids is
+    taming's layout, where conditions share the image-code table)."""
+    assert cfg.prior is not None
+    given = cfg.prior.params
+    problems: Problems = []
+    vocab = given.get("vocab_size")
+    if vocab not in (AUTO, None) and vocab != sizes.vocab_size:
+        problems.append(("prior.params.vocab_size", f"{vocab}, but tokenizer "
+                         f"{cfg.tokenizer.name!r} has {sizes.vocab_size} codes; leave it out "
+                         "(auto)"))
+    cond_vocab = given.get("cond_vocab_size")
+    if (cfg.conditioner is not None and cond_vocab not in (AUTO, None, 0)
+            and cond_vocab != sizes.cond_vocab_size):
+        problems.append(("prior.params.cond_vocab_size", f"{cond_vocab}, but conditioner "
+                         f"{cfg.conditioner.name!r} has {sizes.cond_vocab_size} tokens; leave "
+                         "it out (auto)"))
+    return problems
