@@ -83,6 +83,8 @@ def _config(entry: Any, params: dict[str, Any], registry: vqgen.Registry) -> Any
         "data": {"name": "shapes"},
         "tokenizer": {"name": "stub_tokenizer"},
     }
+    if getattr(entry.cls, "needs_class_condition", False):  # e.g. rejection sampling
+        base["conditioner"] = {"name": "class"}
     base[SECTION_OF[entry.kind]] = {"name": entry.name, "params": params}
     return parse_config(base, registry=registry)
 

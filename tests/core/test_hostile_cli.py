@@ -86,6 +86,15 @@ def _scratch(tmp: Path) -> None:
     cfg = _seg_config()
     cfg["data"] = {"name": "folder", "params": {"root": str(data), "resolution": 32}}
     (tmp / "bad_labels.yaml").write_text(yaml.safe_dump(cfg))
+    tiny = yaml.safe_load(TINY.read_text())
+    for name, change in {
+        "kmeans_512": {"tokenizer": {"name": "kmeans", "params": {"n_embed": 16}},
+                       "prior": {"name": "gpt", "params": {"vocab_size": 512}}},
+        "block_too_small": {"prior": {"name": "gpt", "params": {"block_size": 16}}},
+        "resolution_not_multiple": {"data": {"name": "shapes", "params": {"resolution": 34}}},
+        "pixelsnail_grid": {"prior": {"name": "pixelsnail", "params": {"height": 16}}},
+    }.items():
+        (tmp / f"{name}.yaml").write_text(yaml.safe_dump({**tiny, **change}))
     os.mkfifo(tmp / "fifo")
     (tmp / "dir.png").mkdir()
 
@@ -186,6 +195,18 @@ CASES = [
          damage=_unlink_real("prior/meta.json")),
     Case("another_config_on_resume", ["train", str(TINY).replace("tiny", "demo"), "--run-dir",
                                       "{run}", "--resume"], ["differs", "{run}"]),
+    # configs whose stages do not fit together: `config validate` assembles them
+    Case("prior_vocab_differs_from_tokenizer", ["config", "validate", "{tmp}/kmeans_512.yaml"],
+         ["prior.params.vocab_size: 512, but tokenizer 'kmeans' has 16 codes"]),
+    Case("block_size_too_small", ["config", "validate", "{tmp}/block_too_small.yaml"],
+         ["prior.params.block_size: 16 is too small", "need 64 positions"]),
+    Case("resolution_not_multiple_of_f", ["config", "validate",
+                                          "{tmp}/resolution_not_multiple.yaml"],
+         ["data.params.resolution: 34", "f=4"]),
+    Case("pixelsnail_grid_differs", ["config", "validate", "{tmp}/pixelsnail_grid.yaml"],
+         ["prior.params.height: 16, but the data's latent grid is 8x8"]),
+    Case("train_refuses_before_training", ["train", "{tmp}/kmeans_512.yaml", "--run-dir",
+                                           "{run}"], ["prior.params.vocab_size: 512"]),
     # data
     Case("training_labels_out_of_range",
          ["train", "{tmp}/bad_labels.yaml", "--run-dir", "{tmp}/fresh"],

@@ -89,3 +89,27 @@ def test_the_shipped_configs_validate() -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     for path in sorted(root.glob("*.yaml")):
         assert main(["config", "validate", str(path)]) == 0, path
+
+
+def test_a_run_written_with_explicit_sizes_resumes_and_loads_as_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs written before sizes were wired spell them out in config.yaml: the same
+    numbers as the wiring's, so the old run loads, and resuming it with today's config
+    (sizes left out) is not 'another config'."""
+    import yaml
+
+    old = yaml.safe_load(TINY.read_text())
+    old["prior"]["params"].update(vocab_size=32, cond_vocab_size=5, block_size=64)
+    assert "vocab_size" not in TINY.read_text()  # today's config leaves them to the wiring
+    assert vqgen.load_config(TINY) == vqgen.core.config.parse_config(old)
+    old_cfg = tmp_path / "old.yaml"
+    old_cfg.write_text(yaml.safe_dump(old))
+    run = tmp_path / "run"
+    assert main(["train", str(old_cfg), "--run-dir", str(run), "--stages", "tokenizer"]) == 0
+    written = vqgen.core.config.dumps_config(vqgen.core.config.parse_config(old))
+    assert "vocab_size: 32" in written  # resolved, as earlier versions wrote it
+    (run / "config.yaml").write_text(written)
+    assert main(["train", str(TINY), "--run-dir", str(run), "--resume"]) == 0
+    assert "another config" not in capsys.readouterr().err
+    assert vqgen.load_run(run).prior.block_size == 64

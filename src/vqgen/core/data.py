@@ -836,6 +836,7 @@ class TokenCache:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}."))
         try:
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+            input_key = getattr(tokenizer, "input_key", "image")  # what the tokenizer encodes
             codes_mm = cond_mm = None
             device = next(iter(tokenizer.parameters()), torch.zeros(())).device
             with torch.no_grad():
@@ -844,7 +845,7 @@ class TokenCache:
                     loader, desc="encoding tokens", unit="batch", disable=not progress
                 ):
                     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    codes = tokenizer.encode(batch["image"]).cpu().numpy()  # (B, h, w)
+                    codes = tokenizer.encode(batch[input_key]).cpu().numpy()  # (B, h, w)
                     try:
                         cond = conditioner.tokens(batch).cpu().numpy() if conditioner else None
                     except SampleError as err:

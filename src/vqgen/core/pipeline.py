@@ -188,7 +188,7 @@ class Pipeline(nn.Module):
     @torch.no_grad()
     def tokens(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A data batch → ``(seq [B, L], cond [B, Lc] | None)`` as the prior trains on it."""
-        codes = self.encode(batch["image"])  # (B, h, w)
+        codes = self.encode(batch[getattr(self.tokenizer, "input_key", "image")])  # (B, h, w)
         return self.ordering.flatten(codes), self.cond_tokens(batch)
 
     def nll(self, batch: Mapping[str, Any]) -> torch.Tensor:
@@ -259,7 +259,7 @@ class Pipeline(nn.Module):
             sub = {k: v[idx] if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()}
             pre = prefix[idx] if prefix is not None else None
             codes = self._sample_codes(len(idx), h, w, sub or None, sampler, gen, pre, guidance)
-            return self.tokenizer.decode(codes), codes
+            return self.to_images(self.tokenizer.decode(codes)), codes
 
         select = getattr(sampler, "draw_and_select", None)
         if select is not None:  # a rejection sampler judges finished samples
@@ -293,6 +293,12 @@ class Pipeline(nn.Module):
                 "training size"
             )
         return int(hc), int(wc)
+
+    def to_images(self, decoded: torch.Tensor) -> torch.Tensor:
+        """What the tokenizer decodes → pictures ``[n, 1 or 3, H, W]``: its ``to_rgb``
+        where it has one (label logits become palette colours), else as decoded."""
+        to_rgb = getattr(self.tokenizer, "to_rgb", None)
+        return to_rgb(decoded) if callable(to_rgb) else decoded
 
     def _canvas(self, size: tuple[int, int] | None) -> tuple[int, int]:
         if size is None:

@@ -103,14 +103,30 @@ def wire_config(cfg: PipelineConfig, registry: Registry) -> Problems:
         sizes = stage_sizes(cfg, registry)
     except _Stop as stop:
         return stop.problems
+    problems = _sampler_needs(cfg, registry)
     if cfg.prior is None:
-        return []
-    problems = _explicit_vocabularies(cfg, sizes)
+        return problems
+    problems += _explicit_vocabularies(cfg, sizes)
     try:
         _rewire(registry, "prior", cfg.prior, "prior", sizes)
     except _Stop as stop:
         problems += stop.problems
     return problems
+
+
+def _sampler_needs(cfg: PipelineConfig, registry: Registry) -> Problems:
+    """A sampler that judges by class (``needs_class_condition``) needs a conditioner
+    whose condition is a class label."""
+    if cfg.sampler is None or not getattr(
+            registry.get("sampler", cfg.sampler.name).cls, "needs_class_condition", False):
+        return []
+    key = (getattr(registry.get("conditioner", cfg.conditioner.name).cls, "condition_key", None)
+           if cfg.conditioner is not None else None)
+    if key == "label":
+        return []
+    have = f"conditioner {cfg.conditioner.name!r}" if cfg.conditioner else "no conditioner"
+    return [("sampler.name", f"{cfg.sampler.name!r} judges samples by their class, so it needs "
+             f"the class conditioner (conditioner: {{name: class}}); this config has {have}")]
 
 
 def _explicit_vocabularies(cfg: PipelineConfig, sizes: Sizes) -> Problems:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from pydantic import ConfigDict, Field, field_validator
@@ -106,6 +106,9 @@ class RejectionResult(NamedTuple):
 
 class Rejection(Sampler):
     """Classifier-based rejection sampling: keep the best-scoring fraction of candidates."""
+
+    #: it judges candidates by their requested class, so a config needs a class condition
+    needs_class_condition: ClassVar[bool] = True
 
     class Params(ParamsModel):
         inner: InnerSampler = Field(
