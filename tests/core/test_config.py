@@ -275,3 +275,18 @@ def test_hostile_config_files_are_refused_quickly(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=reason) as info:
             load_config(tmp_path / name)
         assert str(tmp_path / name) in str(info.value)
+
+
+def test_wiring_builds_nothing_real_and_leaves_the_random_state_alone() -> None:
+    """Loading a config assembles the stages on the meta device to learn their sizes:
+    no weights are drawn, so seeded training after loading is what it was before."""
+    import torch
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    for path in sorted(root.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.prior is not None and cfg.prior.params["vocab_size"] != "auto"
+    assert torch.equal(torch.rand(4), expected)

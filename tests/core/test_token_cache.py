@@ -88,7 +88,8 @@ def test_unreadable_cache_is_a_clear_error(tmp_path: Path) -> None:
         TokenCache(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["cond_deleted", "codes_truncated", "meta_of_another"])
+@pytest.mark.parametrize("damage", ["cond_deleted", "codes_truncated", "meta_of_another",
+                                    "code_out_of_range", "cond_out_of_range"])
 def test_a_damaged_cache_is_refused_on_open_and_rebuilt_by_build(
     tmp_path: Path, data: torch.utils.data.Dataset, damage: str
 ) -> None:
@@ -108,6 +109,16 @@ def test_a_damaged_cache_is_refused_on_open_and_rebuilt_by_build(
     elif damage == "codes_truncated":
         np.save(cache.path / "codes.npy", codes[:10])
         says = "codes.npy holds 10 grids, meta.json says 40"
+    elif damage == "code_out_of_range":
+        bad = codes.copy()
+        bad[7, 1, 2] = 200
+        np.save(cache.path / "codes.npy", bad)
+        says = "codes.npy holds code 200, outside [0, 16)"
+    elif damage == "cond_out_of_range":
+        bad = conds.copy()
+        bad[3, 0] = 9
+        np.save(cache.path / "cond.npy", bad)
+        says = "cond.npy holds token 9, outside [0, 4)"
     else:
         meta = json.loads((cache.path / "meta.json").read_text())
         (cache.path / "meta.json").write_text(json.dumps({**meta, "key": "0" * 24}))

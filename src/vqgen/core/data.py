@@ -783,6 +783,14 @@ class TokenCache:
         if self.cond is not None and self.cond.shape[0] != self.codes.shape[0]:
             return (f"cond.npy holds {self.cond.shape[0]} rows, codes.npy "
                     f"{self.codes.shape[0]}")
+        for name, ids, vocab in (("codes.npy", self.codes, meta.get("vocab_size")),
+                                 ("cond.npy", self.cond, meta.get("cond_vocab_size"))):
+            if ids is not None and isinstance(vocab, int) and ids.size:
+                lo, hi = int(ids.min()), int(ids.max())  # one streaming pass over the map
+                if lo < 0 or hi >= vocab:
+                    what = "code" if name == "codes.npy" else "token"
+                    return (f"{name} holds {what} {hi if hi >= vocab else lo}, outside "
+                            f"[0, {vocab})")
         return None
 
     def __len__(self) -> int:
@@ -869,7 +877,8 @@ class TokenCache:
                 if mm is not None:
                     mm.flush()
             meta = {"key": key, "n": len(dataset), "data": data, "vocab_size": tokenizer.vocab_size,
-                    "has_cond": cond_mm is not None}
+                    "has_cond": cond_mm is not None,
+                    "cond_vocab_size": conditioner.vocab_size if conditioner else None}
             (tmp / "meta.json").write_text(json.dumps(meta, default=str, indent=2))
             del codes_mm, cond_mm
             os.replace(tmp, path)
