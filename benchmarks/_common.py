@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vqgen.core.training import train_prior, train_tokenizer
+from vqgen.training.engine import train_prior, train_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 LN2 = math.log(2.0)
@@ -256,7 +256,7 @@ def step_costs(
     ``{"name", "params"}`` on random tokens, timed in interleaved rounds so that a
     change in machine load affects every prior alike."""
     from vqgen.core.registry import default_registry
-    from vqgen.core.training import optimizer_groups
+    from vqgen.training.engine import optimizer_groups
 
     reg = default_registry()
     seq = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))

@@ -111,8 +111,7 @@ from vqgen.conditioners.segmentation import SegmentationConditioner
 from vqgen.core.config import parse_config
 from vqgen.core.data import TokenCache
 from vqgen.core.registry import default_registry
-from vqgen.core.training import held_out_dataset, token_nll, train_prior, train_tokenizer
-from vqgen.plugins.classifier import (
+from vqgen.plugins.judges import (
     accuracy,
     mean_iou,
     predict_segmentation,
@@ -120,6 +119,7 @@ from vqgen.plugins.classifier import (
     train_segmenter,
 )
 from vqgen.plugins.shapes import CLASSES
+from vqgen.training.engine import held_out_dataset, token_nll, train_prior, train_tokenizer
 
 NAME = "conditioning"
 SEED = 0
@@ -165,7 +165,7 @@ CONDITIONER_PARAMS: dict[str, dict[str, Any]] = {
 #: has ``block_size`` 64; ``cond_vocab_size`` follows the condition. With taming's prefix
 #: layout (``--fusion prefix``) spatial conditions cost 127 positions and the prior has to
 #: learn to find each cell's condition 64 positions back.
-GPT_PARAMS: dict[str, Any] = {"vocab_size": 512, "n_layer": 3, "n_head": 4, "n_embd": 96}
+GPT_PARAMS: dict[str, Any] = {"n_layer": 3, "n_head": 4, "n_embd": 96}  # vocab_size: wired
 #: ``cond_fusion`` of each prior: ``auto`` (the default, what measured best) is ``add``
 #: for a class and ``both`` (a prefix, and added cell by cell) for a spatial map; or one
 #: of ``prefix`` / ``add`` / ``both`` for every conditioner (``--fusion``).
@@ -230,16 +230,24 @@ MAIN_METRIC = {"class": "accuracy", "segmentation": "miou", "depth": "foreground
 # configs
 
 
-def data_settings() -> dict[str, dict[str, Any]]:
-    """``shapes`` params of each data setting: ``default`` and ``demo``."""
+def data_settings() -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """Each data setting, ``default`` and ``demo``: its ``shapes`` params and what it
+    changes about the image tokenizer (the demo's codebook size: 64 codes)."""
     import yaml
 
-    demo = yaml.safe_load(DEMO_CONFIG.read_text())["data"]["params"]
+    demo = yaml.safe_load(DEMO_CONFIG.read_text())
     keep = ("background", "palette")  # what the demo setting changes about the pictures
-    return {"default": {}, "demo": {k: demo[k] for k in keep if k in demo}}
+    data = {k: demo["data"]["params"][k] for k in keep if k in demo["data"]["params"]}
+    return {"default": ({}, {}),
+            "demo": (data, {"n_embed": demo["tokenizer"]["params"]["n_embed"]})}
 
 
 DATA: dict[str, Any] = {}  # the data setting being run: shapes params beyond the defaults
+TOKENIZER_SETTING: dict[str, Any] = {}  # and its image tokenizer params beyond IMAGE_TOKENIZER
+
+
+def image_tokenizer_params() -> dict[str, Any]:
+    return {**IMAGE_TOKENIZER, **TOKENIZER_SETTING}
 
 
 def data_spec(scale: float) -> dict[str, Any]:
@@ -271,7 +279,7 @@ def config(
     steps = scaled(PRIOR_TRAIN["steps"], scale, minimum=2)
     spec: dict[str, Any] = {
         "data": data_spec(scale),
-        "tokenizer": {"name": "vqgan", "params": IMAGE_TOKENIZER},
+        "tokenizer": {"name": "vqgan", "params": image_tokenizer_params()},
         "ordering": {"name": "row_major"},
         "prior": {"name": "gpt", "params": prior},
         "sampler": SAMPLER,
@@ -351,7 +359,7 @@ class Shared:
         enc = lambda b: tokenizer.encode(b["image"])  # noqa: E731
         self.train_codes = encode_all(enc, self.train)  # (N, 8, 8)
         self.held_codes = encode_all(enc, self.held)  # (512, 8, 8)
-        # the data keys train_prior uses for its two caches (vqgen.core.training)
+        # the data keys train_prior uses for its two caches (vqgen.training.engine)
         self.data_key = {"data": cfg.data.model_dump(mode="json")}
         self.held_key = {**self.data_key, "split": "val", "n": len(self.held_ds)}
 
@@ -384,7 +392,8 @@ def image_tokenizer(scale: float, work: Path) -> tuple[Any, dict[str, Any]]:
     t = cpu_clock()
     tok = train_tokenizer(cfg, work / "tokenizer_run", progress=False)
     return tok.eval(), {
-        "name": "vqgan", "params": IMAGE_TOKENIZER, "train": cfg.train.tokenizer.model_dump(
+        "name": "vqgan", "params": image_tokenizer_params(),
+        "train": cfg.train.tokenizer.model_dump(
             include={"steps", "batch_size", "lr"}), **since(t),
     }
 
@@ -771,8 +780,11 @@ def main() -> None:
     result: dict[str, Any] = {"benchmark": NAME, "scale": args.scale, "settings": {}}
     for setting in names:
         DATA.clear()
-        DATA.update(settings[setting])
-        log(f"=== data setting {setting}: {DATA or 'defaults'} ===")
+        TOKENIZER_SETTING.clear()
+        DATA.update(settings[setting][0])
+        TOKENIZER_SETTING.update(settings[setting][1])
+        log(f"=== data setting {setting}: {DATA or 'defaults'}, tokenizer "
+            f"{TOKENIZER_SETTING or 'as IMAGE_TOKENIZER'} ===")
         result["settings"][setting] = run_setting(setting, args.scale, pictures)
     result["closures"] = {  # side by side: setting -> conditioner -> closure, pass
         setting: {name: {"closure": v["closure"], "passes": v["passes"],

@@ -42,11 +42,11 @@ from vqgen.core.config import load_config
 from vqgen.core.data import TokenCache
 from vqgen.core.interfaces import Prior
 from vqgen.core.pipeline import RasterOrder
-from vqgen.core.training import optimizer_groups
 from vqgen.plugins.gpt import GPT
 from vqgen.plugins.pixelsnail import PixelSNAIL
 from vqgen.plugins.shapes import ShapesDataset
 from vqgen.plugins.vqgan import VQGAN
+from vqgen.training.engine import optimizer_groups
 
 NAME = "prior"
 SEED = 0

@@ -35,11 +35,11 @@ from _common import emit, parser, setup
 import vqgen
 from vqgen.core.config import parse_config
 from vqgen.core.errors import VqgenError
-from vqgen.core.training import train_tokenizer
 from vqgen.plugins.kmeans import KMeansTokenizer, codebook_stats
 from vqgen.plugins.shapes import ShapesDataset
 from vqgen.plugins.vqgan import VQGAN
 from vqgen.plugins.vqgan.losses import load_lpips
+from vqgen.training.engine import train_tokenizer
 
 RESOLUTION = 32
 HELD_OUT = 512

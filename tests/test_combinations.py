@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 import vqgen
-from vqgen.core.cli import main
+from vqgen.cli import main
 
 REGISTRY = vqgen.default_registry()
 FACTORS: dict[str, list[str | None]] = {
@@ -132,7 +132,7 @@ def _config(row: dict[str, str | None], classifier: Path | None) -> dict[str, An
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny class judge for the rejection sampler (trained on real shapes)."""
-    from vqgen.plugins.classifier import save_classifier, train_classifier
+    from vqgen.plugins.judges import save_classifier, train_classifier
 
     path = tmp_path_factory.mktemp("judge") / "judge.safetensors"
     data = vqgen.create("dataset", "shapes", {"resolution": 32, "length": 32})

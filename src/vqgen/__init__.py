@@ -34,9 +34,8 @@ from vqgen.core.registry import (
     list_components,
     register,
 )
-from vqgen.core.runs import load_run, train
-
-__version__ = "0.1.0"
+from vqgen.core.version import __version__
+from vqgen.runs import load_run, train
 
 __all__ = [
     "AUTO",

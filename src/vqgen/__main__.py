@@ -1,6 +1,6 @@
 """``python -m vqgen`` runs the ``vqgen`` command."""
 
-from vqgen.core.cli import main
+from vqgen.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -24,8 +24,8 @@ import vqgen
 from vqgen.conditioners import ConditionInputs, drop_condition
 from vqgen.core.config import parse_config
 from vqgen.core.pipeline import Pipeline, window_origin
-from vqgen.core.training import train_tokenizer
 from vqgen.plugins.shapes import ShapesDataset
+from vqgen.training.engine import train_tokenizer
 from vqgen_test_stubs import StubTokenizer
 
 #: what each conditioner reads at sampling
@@ -180,7 +180,7 @@ class AlignedRecordingPrior(RecordingPrior):
 
 @pytest.mark.parametrize("aligned", [False, True])
 def test_aligned_priors_get_the_spatial_condition_in_their_ordering(aligned: bool) -> None:
-    from vqgen.core.training import _Tokens
+    from vqgen.training.engine import _Tokens
 
     cond = make("depth")
     prior = (AlignedRecordingPrior if aligned else RecordingPrior)(cond.vocab_size)

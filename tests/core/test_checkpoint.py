@@ -84,7 +84,7 @@ def test_a_checkpoint_commits_as_one_unit(tmp_path: Path) -> None:
 def test_a_first_commit_killed_before_its_switch_leaves_nothing_trained(tmp_path: Path) -> None:
     """Only history/ with a temporary folder: the stage has not been trained yet, and
     training starts it afresh (nothing whole was lost)."""
-    from vqgen.core.runs import stage_step
+    from vqgen.runs import stage_step
 
     (tmp_path / "prior" / "history" / ".step_000001.killed").mkdir(parents=True)
     assert stage_step(tmp_path, "prior") is None

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import vqgen
-from vqgen.core.cli import main
+from vqgen.cli import main
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ import yaml
 from numpy.lib import format as npy_format
 from PIL import Image
 
-from vqgen.core.cli import main
+from vqgen.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"

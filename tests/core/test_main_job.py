@@ -20,13 +20,13 @@ import yaml
 from safetensors.torch import load_file
 
 import vqgen
-from vqgen.core import training
+from vqgen.cli import main
 from vqgen.core.checkpoint import load_component
-from vqgen.core.cli import main
 from vqgen.core.config import parse_config
-from vqgen.core.runs import stage_step
-from vqgen.core.training import TrainingInterrupted, train_prior, train_tokenizer
 from vqgen.evaluation import psnr, ssim
+from vqgen.runs import stage_step
+from vqgen.training import engine as training
+from vqgen.training.engine import TrainingInterrupted, train_prior, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -75,7 +75,7 @@ def test_psnr_and_ssim_exact_values() -> None:
 
 def test_eval_reports_tokenizer_prior_and_samples(run: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from vqgen.plugins.classifier import save_classifier, train_classifier
+    from vqgen.plugins.judges import save_classifier, train_classifier
     from vqgen.plugins.shapes import ShapesDataset
 
     clf = tmp_path / "clf.safetensors"
@@ -104,7 +104,7 @@ def test_eval_without_classifier_says_how_to_get_one(run: Path, tmp_path: Path) 
     out = tmp_path / "eval.json"
     assert main(["eval", str(run), "--n", "16", "-o", str(out)]) == 0
     samples = json.loads(out.read_text())["samples"]
-    assert samples["class_accuracy"] is None and "vqgen.plugins.classifier" in samples["note"]
+    assert samples["class_accuracy"] is None and "vqgen.plugins.judges" in samples["note"]
 
 
 # -----------------------------------------------------------------------------
@@ -334,8 +334,8 @@ _DDP_SCRIPT = textwrap.dedent('''
     torch.set_num_threads(1)
     from safetensors.torch import save_file
     import vqgen
-    from vqgen.core import training
-    from vqgen.core.training import train_prior, train_tokenizer
+    from vqgen.training import engine as training
+    from vqgen.training.engine import train_prior, train_tokenizer
 
     # Plain SGD instead of Adam: an update linear in the gradient keeps the
     # reduction-order noise of an all-reduce (~1e-7 relative) at that size, where
@@ -464,13 +464,13 @@ def test_a_second_process_on_a_run_directory_is_refused(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
 
-    from vqgen.core.runs import run_lock
+    from vqgen.runs import run_lock
 
     busy = copy_run(run, tmp_path / "busy")
     (busy / "prior" / "meta.json").resolve().unlink()  # damaged: the lock comes first
     before = _tree_hash(busy)
     holder = subprocess.Popen(  # another process holds the run, as a running `vqgen train`
-        [sys.executable, "-c", "import sys, time; from vqgen.core.runs import run_lock\n"
+        [sys.executable, "-c", "import sys, time; from vqgen.runs import run_lock\n"
          "with run_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
          str(busy)], stdout=subprocess.PIPE, text=True)
     try:

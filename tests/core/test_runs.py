@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vqgen
-from vqgen.core.cli import main
-from vqgen.core.runs import config_diff, stage_step
+from vqgen.cli import main
+from vqgen.runs import config_diff, stage_step
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -40,7 +40,7 @@ def test_sample_from_cli_and_python(run: Path, tmp_path: Path) -> None:
     with Image.open(out) as im:  # 4 classes × 2 per row of 32 px images, 2 px padding
         assert im.size == (2 * 34 + 2, 4 * 34 + 2)
     codes = load_file(str(out.with_suffix(".codes.safetensors")))["codes"]
-    pipe = vqgen.Pipeline.from_run(run)
+    pipe = vqgen.load_run(run)
     again = pipe.generate(8, torch.arange(4).repeat_interleave(2), seed=1)
     assert torch.equal(again.codes, codes)
     big = pipe.generate(1, 2, size=(48, 40), seed=0)

@@ -16,7 +16,10 @@ import vqgen
 from vqgen.core.config import PipelineConfig, StageTrainConfig, parse_config
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import ParamsModel
-from vqgen.core.training import (
+from vqgen.plugins.kmeans import KMeansTokenizer
+from vqgen.plugins.shapes import ShapesDataset
+from vqgen.plugins.vqgan import VQGAN, VQGANSegmentation
+from vqgen.training.engine import (
     batch_stream,
     check_finite,
     load_component,
@@ -25,9 +28,6 @@ from vqgen.core.training import (
     resolve_lr,
     train_tokenizer,
 )
-from vqgen.plugins.kmeans import KMeansTokenizer
-from vqgen.plugins.shapes import ShapesDataset
-from vqgen.plugins.vqgan import VQGAN, VQGANSegmentation
 
 TINY: dict[str, Any] = {
     "ch": 8, "ch_mult": [1, 2, 2], "norm_groups": 4, "z_channels": 4, "embed_dim": 4,

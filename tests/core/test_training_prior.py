@@ -12,7 +12,7 @@ import torch
 
 import vqgen
 from vqgen.core.config import parse_config
-from vqgen.core.training import lr_at, optimizer_groups, token_nll, train_prior
+from vqgen.training.engine import lr_at, optimizer_groups, token_nll, train_prior
 
 
 def config(prior: dict[str, Any], steps: int = 200, **train: Any) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def label_pipeline(tmp_path: Path, test_registry: vqgen.Registry, n: int = 64) -
 def test_token_nll_with_shifted_conditions_equals_the_rolled_pairs(
     tmp_path: Path, test_registry: vqgen.Registry
 ) -> None:
-    from vqgen.core.training import condition_gain
+    from vqgen.training.engine import condition_gain
 
     pipe, cache = label_pipeline(tmp_path, test_registry, n=10)
     prior = pipe.prior.eval()
@@ -180,7 +180,7 @@ def test_token_nll_with_shifted_conditions_equals_the_rolled_pairs(
 def test_condition_gain_rises_when_the_prior_learns_to_use_the_label(
     tmp_path: Path, test_registry: vqgen.Registry
 ) -> None:
-    from vqgen.core.training import condition_gain
+    from vqgen.training.engine import condition_gain
 
     pipe, cache = label_pipeline(tmp_path, test_registry)
     before = condition_gain(pipe, cache)["cond_gain_bits"]

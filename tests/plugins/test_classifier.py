@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from vqgen.core.errors import VqgenError
-from vqgen.plugins.classifier import (
+from vqgen.plugins.judges import (
     FORMAT,
     ImageClassifier,
     SegmentationNet,

@@ -27,7 +27,7 @@ from vqgen.core.checkpoint import load_component
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import signature_problems
 from vqgen.core.pipeline import Pipeline
-from vqgen.plugins.taming_import import VQGANGumbel, import_taming
+from vqgen.importers.taming import VQGANGumbel, import_taming
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -702,7 +702,7 @@ def test_bad_inputs(tmp_path: Path, reg: vqgen.Registry) -> None:
 
 
 def test_cli_import_then_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from vqgen.core.cli import main
+    from vqgen.cli import main
 
     ref = TNet2Net(None, block_size=16, permute=True).eval()
     ckpt, cfgp = write(tmp_path, ref, net2net_config("__is_unconditional__", 16, True,

@@ -12,7 +12,7 @@ import vqgen
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import signature_problems
 from vqgen.core.registry import ComponentError
-from vqgen.plugins.classifier import ImageClassifier, save_classifier
+from vqgen.plugins.judges import ImageClassifier, save_classifier
 from vqgen.samplers import Chain, TopK, TopP
 from vqgen.samplers.rejection import (
     DEFAULT_INNER,
@@ -151,7 +151,7 @@ def test_missing_classifier_says_how_to_train_one():
         s.score(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
     msg = str(err.value)
     assert "no classifier" in msg
-    assert "python -m vqgen.plugins.classifier" in msg and "save_classifier" in msg
+    assert "python -m vqgen.plugins.judges" in msg and "save_classifier" in msg
     assert "set_classifier" in msg
 
 

@@ -173,7 +173,7 @@ def save_component(
     with ``params`` the component's validated params, so :func:`load_component` can
     rebuild it from the registry by name.
     """
-    from vqgen import __version__
+    from vqgen.core.version import __version__
 
     directory = Path(directory)
     save_tensors(module.state_dict(), directory / WEIGHTS_FILE)

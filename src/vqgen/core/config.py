@@ -40,6 +40,7 @@ from pydantic import (
 from vqgen.core.errors import VqgenError
 from vqgen.core.io import atomic_write_text
 from vqgen.core.registry import Registry, default_registry, format_validation_error
+from vqgen.core.wiring import wire_config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -224,8 +225,6 @@ def _resolve_components(cfg: PipelineConfig, registry: Registry | None) -> list[
             continue
         spec.params = params.model_dump(mode="json")
     if not problems:  # every size that follows from another stage (see core.wiring)
-        from vqgen.core.wiring import wire_config
-
         problems = wire_config(cfg, registry)
     return problems
 

@@ -19,7 +19,6 @@ It owns the seams between the stages:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -116,15 +115,6 @@ class Pipeline(nn.Module):
                 f"{conditioner.vocab_size} tokens; set prior.params.cond_vocab_size: "
                 f"{conditioner.vocab_size}"
             )
-
-    @classmethod
-    def from_run(
-        cls, run_dir: str | os.PathLike[str], registry: Any = None, map_location: str = "cpu"
-    ) -> Pipeline:
-        """The trained Pipeline of a run directory written by ``vqgen train``."""
-        from vqgen.core.runs import load_run
-
-        return load_run(run_dir, registry, map_location)
 
     # -- the seams ----------------------------------------------------------
     @property

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -22,8 +22,9 @@ from pydantic import ValidationError
 from vqgen.core.interfaces import AUTO, Sizes
 from vqgen.core.registry import Registry, format_validation_error
 
-if TYPE_CHECKING:
-    from vqgen.core.config import ComponentSpec, PipelineConfig
+#: ``vqgen.core.config``'s models (config imports this module, not the other way round)
+ComponentSpec = Any
+PipelineConfig = Any
 
 __all__ = ["stage_sizes", "wire_config"]
 

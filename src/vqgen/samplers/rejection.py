@@ -58,8 +58,8 @@ __all__ = [
 #: How to get a classifier, quoted by every "no classifier" error.
 HOW_TO_TRAIN = (
     "train one and name its file in the sampler's params (classifier: <file>): from the shell, "
-    "`python -m vqgen.plugins.classifier --data shapes --data-params '{\"resolution\": 32}' "
-    "--out classifier.safetensors`; or in Python, `from vqgen.plugins.classifier import "
+    "`python -m vqgen.plugins.judges --data shapes --data-params '{\"resolution\": 32}' "
+    "--out classifier.safetensors`; or in Python, `from vqgen.plugins.judges import "
     "save_classifier, train_classifier; save_classifier(train_classifier(dataset), "
     "'classifier.safetensors')`; or pass any torch module that maps images to class logits "
     "with sampler.set_classifier(module)"
@@ -120,7 +120,7 @@ class Rejection(Sampler):
         )
         classifier: str = Field(
             "",
-            description="classifier file written by vqgen.plugins.classifier.save_classifier "
+            description="classifier file written by vqgen.plugins.judges.save_classifier "
             '("": none yet; set one before sampling, or call set_classifier)',
         )
         batch_size: int = Field(16, ge=1, description="candidates drawn per call")
@@ -179,7 +179,7 @@ class Rejection(Sampler):
             path = self.params.classifier
             if not path:
                 raise VqgenError(f"the rejection sampler has no classifier yet: {HOW_TO_TRAIN}")
-            from vqgen.plugins.classifier import load_classifier  # a plugin: imported late
+            from vqgen.plugins.judges import load_classifier  # a plugin: imported late
 
             try:
                 model = load_classifier(path)

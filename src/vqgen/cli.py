@@ -122,7 +122,7 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vqgen.core.runs import STAGES, train
+    from vqgen.runs import STAGES, train
 
     stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
@@ -141,7 +141,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from vqgen.core.data import save_image_grid
     from vqgen.core.registry import default_registry
-    from vqgen.core.runs import load_run
+    from vqgen.runs import load_run
 
     if not 1 <= args.n <= MAX_SAMPLES:
         raise VqgenError(f"--n must be between 1 and {MAX_SAMPLES}, got {args.n}")
@@ -246,9 +246,11 @@ def _read_conds(pipe: Any, specs: Sequence[str]) -> dict[str, Any]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vqgen.core.io import atomic_write_text
     from vqgen.evaluation import evaluate_run
+    from vqgen.runs import load_run
 
-    out = evaluate_run(args.run_dir, n=args.n, per_class=args.per_class,
-                       classifier=args.classifier, fid_samples=args.fid, seed=args.seed)
+    out = evaluate_run(load_run(args.run_dir), args.run_dir, n=args.n,
+                       per_class=args.per_class, classifier=args.classifier,
+                       fid_samples=args.fid, seed=args.seed)
     text = json.dumps(out, indent=2) + "\n"
     path = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
     atomic_write_text(path, text)
@@ -258,7 +260,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_taming(args: argparse.Namespace) -> int:
-    from vqgen.plugins.taming_import import import_taming
+    from vqgen.importers.taming import import_taming
 
     grid = tuple(args.grid) if args.grid else None
     out = import_taming(args.ckpt, args.config, args.output, grid=grid)
@@ -267,7 +269,7 @@ def _cmd_import_taming(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vqgen.evaluation import run_demo
+    from vqgen.runs import run_demo
 
     run_demo(args.config, args.out, per_class=args.per_class,
              classifier_steps=args.classifier_steps)

@@ -25,12 +25,12 @@ of your own is not loaded from a file: pass the module to
 
 Train from Python or from the command line::
 
-    from vqgen.plugins.classifier import save_classifier, train_classifier
+    from vqgen.plugins.judges import save_classifier, train_classifier
     from vqgen.plugins.shapes import ShapesDataset
     model = train_classifier(ShapesDataset(resolution=32), steps=800, batch_size=64, seed=0)
     save_classifier(model, "classifier.safetensors")
 
-    python -m vqgen.plugins.classifier --data shapes --data-params '{"resolution": 32}' \\
+    python -m vqgen.plugins.judges --data shapes --data-params '{"resolution": 32}' \\
         --out classifier.safetensors          # add --segmentation for a SegmentationNet
 
 Measured on ``shapes`` 32×32 (held-out: 1000 samples of ``split="val"``), seed 0,
@@ -538,7 +538,7 @@ def save_classifier(model: ImageClassifier | SegmentationNet, path: str | os.Pat
 
 def _load(path: str | os.PathLike[str], want: type[nn.Module]) -> Any:
     path = Path(path).expanduser()
-    hint = "write one with vqgen.plugins.classifier.save_classifier"
+    hint = "write one with vqgen.plugins.judges.save_classifier"
     if not path.is_file():
         raise VqgenError(f"classifier file {path} does not exist ({hint})")
     try:
@@ -589,7 +589,7 @@ def load_segmenter(path: str | os.PathLike[str]) -> SegmentationNet:
 
 
 # -----------------------------------------------------------------------------
-# command line: python -m vqgen.plugins.classifier --help
+# command line: python -m vqgen.plugins.judges --help
 
 
 def _stack(dataset: Any, key: str) -> torch.Tensor:
@@ -601,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vqgen.core.registry import default_registry
 
     ap = argparse.ArgumentParser(
-        prog="python -m vqgen.plugins.classifier", description=main.__doc__
+        prog="python -m vqgen.plugins.judges", description=main.__doc__
     )
     ap.add_argument("--data", default="shapes", help="registered dataset name (default: shapes)")
     ap.add_argument("--data-params", default="{}", help="dataset params as JSON")

@@ -10,7 +10,7 @@
   NLL when every sample gets the next sample's condition, and the difference,
   ``cond_gain_bits`` (about 0: the prior ignores its condition);
 * **samples**: with a class conditioner, the accuracy of a classifier (the one
-  shipped in :mod:`vqgen.plugins.classifier`, read from a file) on samples
+  shipped in :mod:`vqgen.plugins.judges`, read from a file) on samples
   drawn for every class;
 * **FID / IS** through ``torch-fidelity`` when the ``eval`` extra is installed and
   its Inception weights can be loaded; otherwise one line saying what is missing.
@@ -108,7 +108,7 @@ def find_classifier(run_dir: Path, explicit: str | os.PathLike[str] | None,
 def class_accuracy(pipe: Any, classifier: torch.nn.Module, per_class: int, seed: int = 0
                    ) -> dict[str, Any]:
     """Sample ``per_class`` images of every class; the classifier's accuracy on them."""
-    from vqgen.plugins.classifier import accuracy
+    from vqgen.plugins.judges import accuracy
 
     n_classes = int(pipe.conditioner.n_classes)
     labels = torch.arange(n_classes).repeat_interleave(per_class)  # (n,)
@@ -180,7 +180,7 @@ def condition_sheet(pipe: Any, rows: int = 8, per_row: int = 4, seed: int = 0,
 def _held_out_batch(pipe: Any, n: int) -> dict[str, torch.Tensor]:
     """The first ``n`` items of the run config's held-out split, stacked per key."""
     from vqgen.core.registry import default_registry
-    from vqgen.core.training import held_out_dataset
+    from vqgen.training.engine import held_out_dataset
 
     held = held_out_dataset(pipe.config, default_registry(), n=n)
     if held is None or len(held) == 0:
@@ -224,6 +224,7 @@ def _fid(pipe: Any, held: torch.Tensor, n: int) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_run(
+    pipe: Any,
     run_dir: str | os.PathLike[str],
     *,
     n: int = 512,
@@ -233,17 +234,16 @@ def evaluate_run(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a trained run directory (see the module docstring); a JSON-ready dict.
+    """Evaluate the trained ``pipe`` of run directory ``run_dir`` (loaded by
+    :func:`vqgen.runs.load_run`; see the module docstring); a JSON-ready dict.
 
     ``n`` held-out images for the tokenizer, ``per_class`` samples per class for
     the class accuracy, ``fid_samples`` > 0 to try FID / IS.
     """
     from vqgen.core.registry import default_registry
-    from vqgen.core.runs import load_run
-    from vqgen.core.training import held_out_dataset
+    from vqgen.training.engine import held_out_dataset
 
     run = Path(run_dir)
-    pipe = load_run(run)
     config = pipe.config  # type: ignore[attr-defined]
     reg = default_registry()
     held = held_out_dataset(config, reg, n)
@@ -280,10 +280,10 @@ def evaluate_run(
             path = find_classifier(run, classifier, config)
             if path is None:
                 out["samples"] = {"class_accuracy": None, "note": (
-                    "no classifier: train one with `python -m vqgen.plugins.classifier "
+                    "no classifier: train one with `python -m vqgen.plugins.judges "
                     f"--augment --out {run / CLASSIFIER_FILE}` (or pass --classifier FILE)")}
             else:
-                from vqgen.plugins.classifier import load_classifier
+                from vqgen.plugins.judges import load_classifier
 
                 acc = class_accuracy(pipe, load_classifier(path), per_class, seed)
                 acc.pop("images")
@@ -301,10 +301,10 @@ def prior_nll(pipe: Any, run: Path, held: Any, progress: bool = False) -> dict[s
 
     With a conditioner it adds the NLL with mismatched conditions and
     ``cond_gain_bits``, how much the prior uses its condition
-    (:func:`vqgen.core.training.condition_gain`).
+    (:func:`vqgen.training.engine.condition_gain`).
     """
     from vqgen.core.data import TokenCache
-    from vqgen.core.training import condition_gain, token_nll
+    from vqgen.training.engine import condition_gain, token_nll
 
     config = pipe.config
     with warnings.catch_warnings():
@@ -331,9 +331,10 @@ def _round(d: dict[str, Any]) -> None:
             d[k] = [round(u, 5) if isinstance(u, float) else u for u in v]
 
 
-def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
-             per_class: int = 8, classifier_steps: int = 800) -> dict[str, Any]:
-    """``make demo``: train ``config`` into ``out`` (resuming), then write the pictures.
+def demo_report(pipe: Any, run_dir: str | os.PathLike[str], *, train_s: float,
+                started: float, per_class: int = 8,
+                classifier_steps: int = 800) -> dict[str, Any]:
+    """``make demo``'s pictures and figures for the trained ``pipe`` of ``run_dir``.
 
     Writes ``samples.png`` (one row per class), ``reconstructions.png`` (held-out
     inputs above their reconstructions) and ``metrics.json`` (wall time, PSNR,
@@ -341,6 +342,7 @@ def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
     (``prior_cond_gain_bits``), and the class accuracy of 32 samples per class
     judged by a classifier trained on real images with random blur / down-up sampling /
     noise (``train_classifier(augment=True)``), kept as ``classifier.safetensors``).
+    ``train_s`` is the training time and ``started`` (``time.time()``) when it began.
     """
     import json
     import time
@@ -348,19 +350,15 @@ def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
     from vqgen.core.data import save_image_grid
     from vqgen.core.io import atomic_write_text
     from vqgen.core.registry import default_registry
-    from vqgen.core.runs import load_run, train
-    from vqgen.plugins.classifier import (
+    from vqgen.plugins.judges import (
         accuracy,
         load_classifier,
         save_classifier,
         train_classifier,
     )
 
-    run = Path(out)
-    t0 = time.time()
-    train(config, run, resume=True)
-    train_s = time.time() - t0
-    pipe = load_run(run)
+    run = Path(run_dir)
+    t0 = started
     cfg = pipe.config  # type: ignore[attr-defined]
     reg = default_registry()
     t1 = time.time()

@@ -3,7 +3,7 @@
 ``import_taming(ckpt, config, out_dir)`` reads a taming-transformers Lightning
 checkpoint (a dict with a ``state_dict``) and the YAML config it was trained with
 (``model: {target, params}``) and writes a run directory that
-:func:`vqgen.load_run` / ``Pipeline.from_run`` loads and ``vqgen sample`` uses.
+:func:`vqgen.load_run` loads and ``vqgen sample`` uses.
 The checkpoint is read with ``torch.load(weights_only=True)``: nothing in it is
 ever unpickled.
 
@@ -78,7 +78,7 @@ from vqgen.plugins.vqgan.tokenizer import VQGAN
 try:  # the checkpoint helpers live in vqgen.core.checkpoint (formerly core.training)
     from vqgen.core.checkpoint import save_component
 except ImportError:  # pragma: no cover
-    from vqgen.core.training import save_component  # type: ignore[no-redef]
+    from vqgen.training.engine import save_component  # type: ignore[no-redef]
 
 __all__ = [
     "TAMING_ORDERINGS",
@@ -396,7 +396,7 @@ def _build(
     if name not in registry.list(kind):
         raise tensors.error(
             f"it needs the {kind} {name!r}, which is not registered (register "
-            "vqgen.plugins.taming_import.VQGANGumbel as tokenizer 'vqgan_gumbel')"
+            "vqgen.importers.taming.VQGANGumbel as tokenizer 'vqgan_gumbel')"
         )
     try:
         return registry.create(kind, name, params)

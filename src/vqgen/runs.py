@@ -9,7 +9,7 @@ Layout of a run directory::
     cond/                a spatial conditioner's own tokenizer (the paper's cond stage)
     tokens/<key>/        the token cache of the trained tokenizer (and conditioner)
     prior/               stage 2: weights.safetensors, meta.json, train_state.pt
-    pipeline.json        what `Pipeline.from_run` needs beyond the config: the grid, and
+    pipeline.json        what `load_run` needs beyond the config: the grid, and
                          optionally cond_offset (0 for taming imports: shared id range)
     .lock, .lock.owner   held by the process training the run (an OS lock that dies
                          with it); the owner file names its pid and command line
@@ -142,7 +142,7 @@ def _load_cond_tokenizer(run: Path, conditioner: Any, map_location: str = "cpu")
 def _stage1(run: Path, config: PipelineConfig, stage: str, stages: tuple[str, ...],
             resume: bool, registry: Registry, progress: bool, conditioner: Any = None) -> None:
     """Train a stage-1 stage unless it is finished or not asked for."""
-    from vqgen.core.training import train_tokenizer
+    from vqgen.training.engine import train_tokenizer
 
     steps = getattr(config.train, stage).steps
     if stage not in stages or stage_step(run, stage) == steps:
@@ -173,7 +173,7 @@ def train(
     Returns the trained Pipeline, or ``None`` for a config without a prior.
     """
     from vqgen.core.checkpoint import load_component
-    from vqgen.core.training import barrier, setup_distributed, train_prior
+    from vqgen.training.engine import barrier, setup_distributed, train_prior
 
     registry = registry or default_registry()
     if not isinstance(config, PipelineConfig):
@@ -287,7 +287,7 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
     conditioner = _conditioner(config, registry)
     needed = ["tokenizer"] + ["cond"] * _has_cond_stage(conditioner) + ["prior"] * bool(
         config.prior)
-    from vqgen.core.training import resume_command
+    from vqgen.training.engine import resume_command
 
     resume = f"`{resume_command(run)}`"
     for stage in needed:
@@ -324,3 +324,17 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
                     guidance=config.sampling.guidance)
     pipe.config = config  # type: ignore[attr-defined]
     return pipe.to(map_location).eval()
+
+
+def run_demo(config: str | os.PathLike[str], out: str | os.PathLike[str], *,
+             per_class: int = 8, classifier_steps: int = 800) -> dict[str, Any]:
+    """``make demo``: train ``config`` into ``out`` (resuming), then write its pictures
+    and ``metrics.json`` (:func:`vqgen.evaluation.demo_report`)."""
+    import time
+
+    from vqgen.evaluation import demo_report
+
+    started = time.time()
+    train(config, out, resume=True)
+    return demo_report(load_run(out), out, train_s=time.time() - started, started=started,
+                       per_class=per_class, classifier_steps=classifier_steps)

@@ -1,0 +1,1 @@
+"""Importers: checkpoints of other toolkits turned into vqgen run directories."""
