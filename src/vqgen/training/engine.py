@@ -114,6 +114,7 @@ __all__ = [
     "progress_bar",
     "resolve_device",
     "resolve_lr",
+    "resume_command",
     "save_component",
     "seed_everything",
     "setup_distributed",
