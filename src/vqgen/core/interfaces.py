@@ -26,9 +26,11 @@ from torch import nn
 
 __all__ = [
     "AUTO",
+    "Adversarial",
     "Auto",
     "Component",
     "Conditioner",
+    "Fitted",
     "InitFromCodeVectors",
     "NoParams",
     "Ordering",
@@ -404,6 +406,29 @@ class InitFromCodeVectors(Protocol):
     wants_code_vectors: bool
 
     def init_from_code_vectors(self, vectors: torch.Tensor) -> None: ...
+
+
+@runtime_checkable
+class Fitted(Protocol):
+    """A tokenizer fitted without gradients (k-means): the stage-1 engine calls
+    ``fit_step(x [B, C, H, W], generator) -> {stat: value}`` once per global batch."""
+
+    def fit_step(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Adversarial(Protocol):
+    """A tokenizer trained by gradient with a loss of its own (VQGAN + discriminator).
+
+    ``forward(x)`` returns an object with ``recon``, ``qloss``, ``usage``,
+    ``perplexity`` and ``restarted``; ``last_layer`` is the decoder's last weight;
+    ``build_loss()`` returns a module with ``generator_loss(x, out, step, last_layer)
+    -> (loss, logs)``, ``discriminator`` (a module or None), ``discriminator_loss(x,
+    recon, step) -> (loss, logs)`` and ``disc_active(step)``. Generator and
+    discriminator get an Adam optimizer each.
+    """
+
+    def build_loss(self) -> nn.Module: ...
 
 
 class Sampler(Component):

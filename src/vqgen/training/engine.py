@@ -93,7 +93,7 @@ from vqgen.core.checkpoint import (
 from vqgen.core.config import PipelineConfig, StageTrainConfig
 from vqgen.core.data import ConditionInputs, TokenCache
 from vqgen.core.errors import InterruptedAgain, VqgenError
-from vqgen.core.interfaces import InitFromCodeVectors
+from vqgen.core.interfaces import Adversarial, Fitted, InitFromCodeVectors
 from vqgen.core.pipeline import Pipeline, RasterOrder, align_condition
 from vqgen.core.registry import Registry, default_registry
 
@@ -487,8 +487,69 @@ def held_out_dataset(config: PipelineConfig, registry: Registry, n: int = 512) -
     return registry.create("dataset", config.data.name, params)
 
 
-class _Stage1:
-    """State shared by the fitted and the GAN-trained stage-1 loops."""
+class Objective:
+    """One stage's training: what a step computes, what is logged, previewed and saved.
+
+    :func:`run_loop` owns the loop around it: steps from ``start`` to ``cfg.steps``, the
+    progress bar, when to log, preview and checkpoint (``log_every``, ``image_every``,
+    ``checkpoint_every``), SIGINT / SIGTERM (finish the step, checkpoint, raise
+    :class:`TrainingInterrupted`) and the checkpoint of a run with nothing left to do.
+    An objective sets ``stage``, ``desc`` (the bar's label), ``cfg``, ``ckpt_dir`` (None:
+    no checkpoints, e.g. a rank other than 0) and ``progress``.
+    """
+
+    stage: str
+    desc: str
+    cfg: StageTrainConfig
+    ckpt_dir: Path | None
+    progress: bool
+    save_if_idle = True  # a run resumed at its last step still leaves a checkpoint
+
+    def step(self, step: int, stop: StopSignals) -> tuple[dict[str, str], bool]:
+        """One optimisation step (its micro-batches, backward passes and updates);
+        returns the progress-bar fields and whether any rank was asked to stop
+        (``stop.requested``, read after the step's updates, agreed between ranks)."""
+        raise NotImplementedError
+
+    def log(self, done: int) -> None:
+        """Append the metrics of the steps since the last record."""
+
+    def preview(self, done: int) -> None:
+        """Write a preview picture (stage 1: inputs above reconstructions)."""
+
+    def save(self, done: int) -> None:
+        """Write a checkpoint after ``done`` steps (as one unit)."""
+        raise NotImplementedError
+
+
+def run_loop(obj: Objective, start: int) -> None:
+    """Train ``obj`` from step ``start`` to ``obj.cfg.steps``: the only training loop."""
+    cfg = obj.cfg
+    bar = progress_bar(cfg.steps, initial=start, desc=obj.desc, enabled=obj.progress)
+    with StopSignals(obj.ckpt_dir) as stop:
+        try:
+            for step in range(start, cfg.steps):
+                postfix, stopping = obj.step(step, stop)
+                done = step + 1
+                bar.update(1)
+                bar.set_postfix(postfix, refresh=False)
+                if _every(cfg.log_every, done, cfg.steps):
+                    obj.log(done)
+                if cfg.image_every > 0 and _every(cfg.image_every, done, cfg.steps):
+                    obj.preview(done)
+                if _every(cfg.checkpoint_every, done, cfg.steps) or stopping:
+                    obj.save(done)
+                if stopping and done < cfg.steps:
+                    raise _interrupted(obj.stage, done, stop.signum or signal.SIGTERM,
+                                       obj.ckpt_dir)
+        finally:
+            bar.close()
+    if cfg.steps == start and obj.save_if_idle:
+        obj.save(start)
+
+
+class _Stage1(Objective):
+    """State shared by the fitted and the adversarial stage-1 objectives."""
 
     def __init__(
         self,
@@ -532,12 +593,17 @@ class _Stage1:
                 f"{', '.join(sorted(sample))}); set train.{stage}.input_key"
             )
         self.ckpt_dir = run_dir / stage if run_dir and self.dist.main else None
+        self.desc = stage
         self.metrics = MetricsLogger(run_dir / METRICS_FILE if run_dir and self.dist.main
                                      else None)
         self.last_metrics: dict[str, float] = {}
         n = min(PREVIEW_IMAGES, len(self.dataset))
-        self.preview = torch.stack([self.dataset[i][self.key] for i in range(n)])
+        self.preview_inputs = torch.stack([self.dataset[i][self.key] for i in range(n)])
         self.t0 = time.time()
+
+    def prepare(self, resume: bool) -> int:
+        """Optimizers, a restored checkpoint where resuming; returns the first step."""
+        raise NotImplementedError
 
     def input_of(self, batch: Mapping[str, Any]) -> torch.Tensor:
         x = _to_device(batch[self.key], self.device)
@@ -561,15 +627,15 @@ class _Stage1:
         self.metrics.log(rec)
 
     @torch.no_grad()
-    def save_preview(self, step: int) -> None:
+    def preview(self, step: int) -> None:
         if self.ckpt_dir is None or self.run_dir is None:
             return
         from vqgen.core.data import save_image_grid
 
         was_training = self.tok.training
         self.tok.eval()
-        x = self.input_of({self.key: self.preview})
-        if hasattr(self.tok, "fit_step"):
+        x = self.input_of({self.key: self.preview_inputs})
+        if isinstance(self.tok, Fitted):
             recon = self.tok.decode(self.tok.encode(x))
         else:
             recon = self.tok(x).recon
@@ -599,8 +665,8 @@ class _Stage1:
         self.tok.train(was_training)
         return value
 
-    def save(self, step: int, state: dict[str, Any], discriminator: nn.Module | None,
-             loss_fn: Any = None) -> None:
+    def _commit(self, step: int, state: dict[str, Any], discriminator: nn.Module | None,
+                loss_fn: Any = None) -> None:
         if self.ckpt_dir is None:
             return
         d = self.ckpt_dir
@@ -657,98 +723,104 @@ def train_tokenizer(
     """
     if stage not in ("tokenizer", "cond"):
         raise VqgenError(f"unknown stage-1 stage {stage!r}; valid: tokenizer, cond")
-    run = _Stage1(config, Path(run_dir) if run_dir else None, registry or default_registry(),
-                  progress, stage, conditioner)
-    tok = run.tok
-    with StopSignals(run.ckpt_dir) as stop:
-        if hasattr(tok, "fit_step"):
-            _fit_loop(run, resume, stop)
-        elif hasattr(tok, "build_loss"):
-            _gan_loop(run, resume, stop)
-        else:
-            raise VqgenError(
-                f"tokenizer {run.name!r} ({type(tok).__name__}) cannot be trained by "
-                "vqgen's stage-1 loop: it has neither fit_step() nor build_loss()"
-            )
-    return tok.eval()
+    registry = registry or default_registry()
+    if stage == "tokenizer":  # built by the objective, after seeding: its initial weights
+        cls: type | None = registry.get("tokenizer", config.tokenizer.name).cls
+    else:
+        cls = type(getattr(conditioner, "tokenizer", None) or None) if conditioner else None
+    kind: type[_Stage1]
+    if cls is None or cls is type(None):
+        kind = _Stage1  # the cond stage without a tokenizer: its __init__ says so
+    elif issubclass(cls, Fitted):
+        kind = _Fitted
+    elif issubclass(cls, Adversarial):
+        kind = _Adversarial
+    else:
+        name = config.tokenizer.name if stage == "tokenizer" else cls.__name__
+        raise VqgenError(
+            f"tokenizer {name!r} ({cls.__name__}) cannot be trained by vqgen's stage-1 "
+            "engine: it has neither fit_step() nor build_loss() (the Fitted and Adversarial "
+            "protocols of vqgen.core.interfaces)"
+        )
+    run = kind(config, Path(run_dir) if run_dir else None, registry, progress, stage,
+               conditioner)
+    run_loop(run, run.prepare(resume))
+    return run.tok.eval()
 
 
-def _fit_loop(run: _Stage1, resume: bool, stop: StopSignals) -> None:
+class _Fitted(_Stage1):
     """Fitted tokenizers (k-means): one ``fit_step`` per global batch, no optimizer."""
-    cfg, tok = run.cfg, run.tok
-    generator = torch.Generator().manual_seed(cfg.seed)
-    start = 0
-    if resume and (state := run.load(None)) is not None:
-        start = int(state["step"])
-        generator.set_state(state["generator"])
-    avg = _Averager()
-    bar = progress_bar(cfg.steps, initial=start, desc=f"{run.stage} (fit)",
-                       enabled=run.progress)
-    batches = run.stream(start, sharded=False)  # every rank fits the same global batch
-    for step in range(start, cfg.steps):
-        stats = tok.fit_step(run.input_of(next(batches)), generator)
+
+    def prepare(self, resume: bool) -> int:
+        """Restore a checkpoint where resuming; the first step."""
+        self.desc = f"{self.stage} (fit)"
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        start = 0
+        if resume and (state := self.load(None)) is not None:
+            start = int(state["step"])
+            self.generator.set_state(state["generator"])
+        self.avg = _Averager()
+        self.batches = self.stream(start, sharded=False)  # every rank fits the global batch
+        return start
+
+    def step(self, step: int, stop: StopSignals) -> tuple[dict[str, str], bool]:
+        stats = self.tok.fit_step(self.input_of(next(self.batches)), self.generator)
         check_finite(step, stats)
-        avg.add(stats)
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()}, refresh=False)
-        if run.due(cfg.log_every, done):
-            run.record(done, avg, {})
-        if run.due(cfg.image_every, done) and cfg.image_every > 0:
-            run.save_preview(done)
-        stopping = _all_max(run.dist, [float(stop.requested)], run.device)[0] > 0
-        if run.due(cfg.checkpoint_every, done) or stopping:
-            run.save(done, {"generator": generator.get_state()}, None)
-        if stopping and done < cfg.steps:
-            bar.close()
-            raise _interrupted(run.stage, done, stop.signum or signal.SIGTERM, run.ckpt_dir)
-    bar.close()
-    if cfg.steps == start:  # nothing to do; still leave a checkpoint behind
-        run.save(start, {"generator": generator.get_state()}, None)
+        self.avg.add(stats)
+        stopping = _all_max(self.dist, [float(stop.requested)], self.device)[0] > 0
+        return {k: f"{v:.4g}" for k, v in stats.items()}, stopping
+
+    def log(self, done: int) -> None:
+        self.record(done, self.avg, {})
+
+    def save(self, done: int) -> None:
+        self._commit(done, {"generator": self.generator.get_state()}, None)
 
 
-def _gan_loop(run: _Stage1, resume: bool, stop: StopSignals) -> None:
+class _Adversarial(_Stage1):
     """GAN-trained tokenizers (VQGAN): alternating generator / discriminator Adam steps."""
-    cfg, tok, info = run.cfg, run.tok, run.dist
-    loss_fn = tok.build_loss().to(run.device)
-    disc = loss_fn.discriminator
-    base_lr = lr = resolve_lr(cfg, info.world)
-    schedule = cfg.lr_schedule or "constant"
-    betas = cfg.betas or (0.5, 0.9)
-    opt_g = make_adam([p for p in tok.parameters() if p.requires_grad], lr, betas)
-    opt_d = make_adam(list(disc.parameters()), lr, betas) if disc is not None else None
-    optimizers = [o for o in (opt_g, opt_d) if o is not None]
-    start = 0
-    if resume and (state := run.load(disc)) is not None:
-        start = int(state["step"])
-        opt_g.load_state_dict(state["opt_g"])
-        if opt_d is not None:
-            opt_d.load_state_dict(state["opt_d"])
-    if info.world > 1:  # per-rank dropout / restarts draw from different streams
-        torch.manual_seed(cfg.seed * 1_000_003 + info.rank + start)
-    tok.train()
-    loss_fn.train()
-    cuda = run.device.type == "cuda"
-    amp = cuda and cfg.amp != "none"
-    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.amp == "fp16")
-    if cuda:  # convolutions run faster channels-last
-        tok.to(memory_format=torch.channels_last)
-        if disc is not None:
-            disc.to(memory_format=torch.channels_last)
-    model = _wrap_ddp(tok, info, run.device)
-    log.info("training %s at lr %.3g (%s, betas %s) for %d steps", run.stage, base_lr,
-             schedule, betas, cfg.steps)
 
-    def train_state() -> dict[str, Any]:
-        return {"opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict() if opt_d is not None else {}, "lr": lr}
+    def prepare(self, resume: bool) -> int:
+        """Loss, optimizers, a checkpoint where resuming, AMP; the first step."""
+        cfg, tok, info = self.cfg, self.tok, self.dist
+        self.loss_fn = loss_fn = tok.build_loss().to(self.device)
+        self.disc = disc = loss_fn.discriminator
+        self.base_lr = self.lr = resolve_lr(cfg, info.world)
+        self.schedule = cfg.lr_schedule or "constant"
+        betas = cfg.betas or (0.5, 0.9)
+        self.opt_g = make_adam([p for p in tok.parameters() if p.requires_grad], self.lr, betas)
+        self.opt_d = make_adam(list(disc.parameters()), self.lr, betas) if disc is not None \
+            else None
+        start = 0
+        if resume and (state := self.load(disc)) is not None:
+            start = int(state["step"])
+            self.opt_g.load_state_dict(state["opt_g"])
+            if self.opt_d is not None:
+                self.opt_d.load_state_dict(state["opt_d"])
+        if info.world > 1:  # per-rank dropout / restarts draw from different streams
+            torch.manual_seed(cfg.seed * 1_000_003 + info.rank + start)
+        tok.train()
+        loss_fn.train()
+        self.cuda = self.device.type == "cuda"
+        self.amp = self.cuda and cfg.amp != "none"
+        self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and cfg.amp == "fp16")
+        if self.cuda:  # convolutions run faster channels-last
+            tok.to(memory_format=torch.channels_last)
+            if disc is not None:
+                disc.to(memory_format=torch.channels_last)
+        self.model = _wrap_ddp(tok, info, self.device)
+        log.info("training %s at lr %.3g (%s, betas %s) for %d steps", self.stage,
+                 self.base_lr, self.schedule, betas, cfg.steps)
+        self.avg = _Averager()
+        self.batches = self.stream(start)
+        return start
 
-    avg = _Averager()
-    bar = progress_bar(cfg.steps, initial=start, desc=run.stage, enabled=run.progress)
-    batches = run.stream(start)
-    for step in range(start, cfg.steps):
-        lr = lr_at(step, base_lr, cfg.warmup_steps, cfg.steps, schedule=schedule)
+    def step(self, step: int, stop: StopSignals) -> tuple[dict[str, str], bool]:
+        cfg, tok, info, loss_fn = self.cfg, self.tok, self.dist, self.loss_fn
+        optimizers = [o for o in (self.opt_g, self.opt_d) if o is not None]
+        self.lr = lr = lr_at(step, self.base_lr, cfg.warmup_steps, cfg.steps,
+                             schedule=self.schedule)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
             for group in opt.param_groups:
@@ -756,50 +828,46 @@ def _gan_loop(run: _Stage1, resume: bool, stop: StopSignals) -> None:
         d_on = loss_fn.disc_active(step)
         restarted = 0.0
         for micro in range(cfg.grad_accum):
-            x = run.input_of(next(batches))
-            if cuda:
+            x = self.input_of(next(self.batches))
+            if self.cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             last = micro == cfg.grad_accum - 1
-            sync = model.no_sync() if info.world > 1 and not last else contextlib.nullcontext()
-            autocast = torch.autocast(run.device.type, dtype=amp_dtype, enabled=amp)
+            sync = self.model.no_sync() if info.world > 1 and not last \
+                else contextlib.nullcontext()
+            autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
             with sync, autocast:  # type: ignore[attr-defined]
-                out = model(x)
+                out = self.model(x)
                 g_loss, logs = loss_fn.generator_loss(x, out, step, tok.last_layer)
                 check_finite(step, logs)
-            scaler.scale(g_loss / cfg.grad_accum).backward()
+            self.scaler.scale(g_loss / cfg.grad_accum).backward()
             if d_on:
                 with autocast:
                     d_loss, d_logs = loss_fn.discriminator_loss(x, out.recon, step)
                 check_finite(step, d_logs)
-                scaler.scale(d_loss / cfg.grad_accum).backward()
+                self.scaler.scale(d_loss / cfg.grad_accum).backward()
                 logs.update(d_logs)
             restarted += float(out.restarted)
             logs.update(usage=out.usage, perplexity=out.perplexity, restarted=out.restarted)
-            avg.add(logs)
-        scaler.step(opt_g)
-        if d_on and opt_d is not None and disc is not None:
-            _average_grads(info, disc)
-            scaler.step(opt_d)
-        scaler.update()
-        stopping, restarted = _all_max(info, [float(stop.requested), restarted], run.device)
+            self.avg.add(logs)
+        self.scaler.step(self.opt_g)
+        if d_on and self.opt_d is not None and self.disc is not None:
+            _average_grads(info, self.disc)
+            self.scaler.step(self.opt_d)
+        self.scaler.update()
+        stopping, restarted = _all_max(info, [float(stop.requested), restarted], self.device)
         if restarted > 0:  # the codebook was re-seeded from each rank's own batch
             _broadcast_params(info, tok)
-        done = step + 1
-        bar.update(1)
         shown = {k: f"{float(logs[k]):.4g}" for k in ("loss", "rec", "ce", "usage") if k in logs}
-        bar.set_postfix(shown, refresh=False)
-        if run.due(cfg.log_every, done):
-            run.record(done, avg, {"lr": lr})
-        if cfg.image_every > 0 and run.due(cfg.image_every, done):
-            run.save_preview(done)
-        if run.due(cfg.checkpoint_every, done) or stopping:
-            run.save(done, train_state(), disc, loss_fn)
-        if stopping and done < cfg.steps:
-            bar.close()
-            raise _interrupted(run.stage, done, stop.signum or signal.SIGTERM, run.ckpt_dir)
-    bar.close()
-    if cfg.steps == start:
-        run.save(start, train_state(), disc, loss_fn)
+        return shown, bool(stopping > 0)
+
+    def log(self, done: int) -> None:
+        self.record(done, self.avg, {"lr": self.lr})
+
+    def save(self, done: int) -> None:
+        state = {"opt_g": self.opt_g.state_dict(),
+                 "opt_d": self.opt_d.state_dict() if self.opt_d is not None else {},
+                 "lr": self.lr}
+        self._commit(done, state, self.disc, self.loss_fn)
 
 
 # =============================================================================
@@ -1039,76 +1107,102 @@ def train_prior(
         start = _load_prior(ckpt, prior, opt, gen, device)
     if info.world > 1:  # per-rank dropout masks from different streams
         torch.manual_seed(cfg.seed * 1_000_003 + info.rank + start)
-    metrics = MetricsLogger(run / METRICS_FILE if run and info.main else None)
     stream: Iterator[Mapping[str, torch.Tensor]] = batch_stream(
         _Tokens(cache, pipe), cfg.batch_size, seed=cfg.seed,
         start=start * cfg.grad_accum, num_workers=cfg.num_workers,
         rank=info.rank, world=info.world,
     )
-    amp = device.type == "cuda" and cfg.amp != "none"
-    amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.amp == "fp16")
     prior.train()
-    model: nn.Module = _wrap_ddp(_PriorNLL(prior), info, device)
-    if cfg.compile and device.type == "cuda":
-        model = torch.compile(model)  # type: ignore[assignment]
-    bar = progress_bar(cfg.steps, initial=start, desc="prior", enabled=progress)
-    t0, sums, n_logs, last = time.time(), 0.0, 0, {}
-    with StopSignals(ckpt) as stop:
-        try:
-            for step in range(start, cfg.steps):
-                lr = lr_at(step, base_lr, cfg.warmup_steps, cfg.steps,
-                           schedule=cfg.lr_schedule or "cosine")
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                loss_sum = 0.0
-                for micro in range(cfg.grad_accum):
-                    batch = next(stream)
-                    seq = batch["seq"].to(device)  # (B, L)
-                    raw = batch["cond"].to(device) if "cond" in batch else None  # (B, Lc)
-                    c = _cond_input(pipe, raw, cfg.cond_dropout, gen, info)
-                    last_micro = micro == cfg.grad_accum - 1
-                    sync = (model.no_sync() if info.world > 1 and not last_micro  # type: ignore
-                            else contextlib.nullcontext())
-                    with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                        loss = model(seq, c).mean() / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                    loss_sum += float(loss.detach())
-                loss_sum, stopping = _global_loss(info, loss_sum, stop, device)
-                check_finite(step, {"prior_nll": loss_sum})
-                scaler.unscale_(opt)
-                grad_norm = float(nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip))
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                sums += loss_sum
-                n_logs += 1
-                done = step + 1
-                bar.update(1)
-                bar.set_postfix(nll=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
-                saving = ckpt is not None and info.main and (
-                    _every(cfg.checkpoint_every, done, cfg.steps) or stopping
-                )
-                val = ({f"val_{k}": v for k, v in token_nll(pipe, held_cache).items()}
-                       if held_cache is not None and info.main
-                       and (saving or done == cfg.steps) else {})
-                if _every(cfg.log_every, done, cfg.steps):
-                    last = {"step": done, "stage": "prior", "nll_nats": sums / n_logs,
-                            "lr": lr, "grad_norm": grad_norm,
-                            "elapsed_s": round(time.time() - t0, 2)}
-                    if done == cfg.steps:
-                        last.update(val)
-                    metrics.log(last)
-                    sums, n_logs = 0.0, 0
-                if saving:
-                    assert ckpt is not None
-                    _save_prior(ckpt, config, prior, opt, gen, done, {**last, **val},
-                                val.get("val_nll_nats"))
-                if stopping and done < cfg.steps:
-                    raise _interrupted("prior", done, stop.signum or signal.SIGTERM, ckpt)
-        finally:
-            bar.close()
+    objective = _Prior(config, pipe, opt, gen, stream, held_cache, info, device,
+                       ckpt if info.main else None, base_lr,
+                       MetricsLogger(run / METRICS_FILE if run and info.main else None),
+                       progress)
+    run_loop(objective, start)
     return pipe.eval()
+
+
+class _Prior(Objective):
+    """The autoregressive prior on cached tokens: AdamW with warm-up and cosine decay,
+    accumulation, clipping, condition dropout, AMP; held-out NLL when it checkpoints."""
+
+    save_if_idle = False
+
+    def __init__(self, config: PipelineConfig, pipe: Pipeline, opt: torch.optim.Optimizer,
+                 gen: torch.Generator, stream: Iterator[Mapping[str, torch.Tensor]],
+                 held_cache: TokenCache | None, info: DistInfo, device: torch.device,
+                 ckpt_dir: Path | None, base_lr: float, metrics: MetricsLogger,
+                 progress: bool) -> None:
+        self.config, self.pipe, self.opt, self.gen, self.stream = config, pipe, opt, gen, stream
+        self.held_cache, self.info, self.device, self.ckpt_dir = held_cache, info, device, ckpt_dir
+        self.base_lr, self.metrics, self.progress = base_lr, metrics, progress
+        self.stage = self.desc = "prior"
+        self.cfg = cfg = config.train.prior
+        self.prior = pipe._require_prior()
+        self.amp = device.type == "cuda" and cfg.amp != "none"
+        self.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and cfg.amp == "fp16")
+        self.model: nn.Module = _wrap_ddp(_PriorNLL(self.prior), info, device)
+        if cfg.compile and device.type == "cuda":
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+        self.t0, self.sums, self.n_logs = time.time(), 0.0, 0
+        self.last: dict[str, Any] = {}
+        self.lr = base_lr
+        self.grad_norm = 0.0
+        self._val: tuple[int, dict[str, float]] = (-1, {})
+
+    def step(self, step: int, stop: StopSignals) -> tuple[dict[str, str], bool]:
+        cfg, info, device, opt = self.cfg, self.info, self.device, self.opt
+        self.lr = lr_at(step, self.base_lr, cfg.warmup_steps, cfg.steps,
+                        schedule=cfg.lr_schedule or "cosine")
+        for group in opt.param_groups:
+            group["lr"] = self.lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = next(self.stream)
+            seq = batch["seq"].to(device)  # (B, L)
+            raw = batch["cond"].to(device) if "cond" in batch else None  # (B, Lc)
+            c = _cond_input(self.pipe, raw, cfg.cond_dropout, self.gen, info)
+            last_micro = micro == cfg.grad_accum - 1
+            sync = (self.model.no_sync() if info.world > 1 and not last_micro  # type: ignore
+                    else contextlib.nullcontext())
+            with sync, torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp):
+                loss = self.model(seq, c).mean() / cfg.grad_accum
+            self.scaler.scale(loss).backward()
+            loss_sum += float(loss.detach())
+        loss_sum, stopping = _global_loss(info, loss_sum, stop, device)
+        check_finite(step, {"prior_nll": loss_sum})
+        self.scaler.unscale_(opt)
+        self.grad_norm = float(nn.utils.clip_grad_norm_(self.prior.parameters(), cfg.grad_clip))
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        self.sums += loss_sum
+        self.n_logs += 1
+        return {"nll": f"{loss_sum:.3f}", "lr": f"{self.lr:.2e}"}, stopping
+
+    def val(self, done: int) -> dict[str, float]:
+        """Held-out NLL after ``done`` steps (computed once per step, on rank 0)."""
+        if self._val[0] != done:
+            value = ({f"val_{k}": v for k, v in token_nll(self.pipe, self.held_cache).items()}
+                     if self.held_cache is not None and self.info.main else {})
+            self._val = (done, value)
+        return self._val[1]
+
+    def log(self, done: int) -> None:
+        self.last = {"step": done, "stage": "prior", "nll_nats": self.sums / self.n_logs,
+                     "lr": self.lr, "grad_norm": self.grad_norm,
+                     "elapsed_s": round(time.time() - self.t0, 2)}
+        if done == self.cfg.steps:
+            self.last.update(self.val(done))
+        self.metrics.log(self.last)
+        self.sums, self.n_logs = 0.0, 0
+
+    def save(self, done: int) -> None:
+        if self.ckpt_dir is None:
+            return
+        val = self.val(done)
+        _save_prior(self.ckpt_dir, self.config, self.prior, self.opt, self.gen, done,
+                    {**self.last, **val}, val.get("val_nll_nats"))
 
 
 def _global_loss(info: DistInfo, loss: float, stop: StopSignals, device: torch.device
