@@ -41,7 +41,7 @@ from _common import emit, env, log, match_pixelsnail, parser, rounded, scaled, s
 from vqgen.core.config import load_config
 from vqgen.core.data import TokenCache
 from vqgen.core.interfaces import Prior
-from vqgen.core.pipeline import RasterOrder
+from vqgen.core.pipeline import RowMajor
 from vqgen.plugins.gpt import GPT
 from vqgen.plugins.pixelsnail import PixelSNAIL
 from vqgen.plugins.shapes import ShapesDataset
@@ -189,7 +189,7 @@ def stage2(tokenizer_params: dict[str, Any], prior_params: dict[str, Any], repea
     tok = VQGAN(**tokenizer_params).eval()
     torch.manual_seed(SEED)
     prior = GPT(**{**prior_params, "cond_vocab_size": 0})
-    ordering = RasterOrder()
+    ordering = RowMajor()
     opt = torch.optim.AdamW(optimizer_groups(prior, 0.01), lr=1e-4, betas=(0.9, 0.95))
     data = ShapesDataset(resolution=32, length=n_cache, seed=SEED)
 

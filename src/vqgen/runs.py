@@ -39,7 +39,7 @@ from pydantic import BaseModel, NonNegativeInt, PositiveInt, ValidationError
 from vqgen.core.config import PipelineConfig, dumps_config, load_config
 from vqgen.core.errors import VqgenError
 from vqgen.core.io import atomic_write_text
-from vqgen.core.pipeline import Pipeline, RasterOrder
+from vqgen.core.pipeline import Pipeline, assemble
 from vqgen.core.registry import Registry, default_registry
 
 __all__ = ["STAGES", "config_diff", "load_run", "stage_step", "train"]
@@ -315,14 +315,8 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
     prior = load_component(run / "prior", registry, map_location) if config.prior else None
     if _has_cond_stage(conditioner):
         _load_cond_tokenizer(run, conditioner, map_location)
-    ordering = (registry.create("ordering", config.ordering.name, config.ordering.params)
-                if config.ordering else RasterOrder())
-    sampler = (registry.create("sampler", config.sampler.name, config.sampler.params)
-               if config.sampler else None)
-    pipe = Pipeline(tokenizer, prior, grid=grid, ordering=ordering, sampler=sampler,
-                    conditioner=conditioner, cond_offset=cond_offset,
-                    guidance=config.sampling.guidance)
-    pipe.config = config  # type: ignore[attr-defined]
+    pipe = assemble(config, tokenizer, conditioner, grid, registry, prior=prior,
+                    cond_offset=cond_offset)
     return pipe.to(map_location).eval()
 
 

@@ -337,6 +337,18 @@ class Prior(Component, nn.Module):
     def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, L, vocab_size]`` float: logits for position ``i`` given ``s_<i`` and ``c``."""
 
+    def forward(self, seq: torch.Tensor, cond: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: mean cross-entropy (nats) of the image tokens.
+
+        ``targets [B, L]`` defaults to ``seq``; entries of ``-100`` are ignored.
+        """
+        logits = self.logits(seq, cond)  # (B, L, V)
+        targets = seq if targets is None else targets  # (B, L)
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+        )
+
     def nll(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         """``[B]`` mean negative log-likelihood (nats per image token)."""
         logits = self.logits(seq, cond)  # (B, L, V)

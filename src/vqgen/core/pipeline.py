@@ -27,19 +27,26 @@ import torch
 from torch import nn
 
 from vqgen.core.errors import VqgenError
-from vqgen.core.interfaces import Conditioner, Ordering, Prior, Sampler, Tokenizer
+from vqgen.core.interfaces import Conditioner, NoParams, Ordering, Prior, Sampler, Tokenizer
 
-__all__ = ["Generation", "Pipeline", "RasterOrder", "align_condition", "window_origin"]
+__all__ = ["Generation", "Pipeline", "RowMajor", "align_condition", "assemble",
+           "window_origin"]
 
 
-class RasterOrder(Ordering):
-    """Row-major order, the pipeline's default when no ordering is given."""
+class RowMajor(Ordering):
+    """Raster order: left to right, top to bottom (the identity permutation).
+
+    Defined as is for every ``h × w``; taming-transformers' ``Identity``. The
+    pipeline's default ordering, registered as ``row_major`` by :mod:`vqgen.orderings`.
+    """
+
+    Params = NoParams
 
     def __init__(self) -> None:
         super().__init__()
 
     def permutation(self, h: int, w: int) -> torch.Tensor:
-        return torch.arange(h * w)
+        return torch.arange(h * w, dtype=torch.int64)
 
 
 @dataclass
@@ -92,7 +99,7 @@ class Pipeline(nn.Module):
         self.tokenizer = tokenizer
         self.prior = prior
         self.conditioner = conditioner
-        self.ordering = ordering or RasterOrder()
+        self.ordering = ordering or RowMajor()
         self.sampler = sampler
         self.grid = (int(grid[0]), int(grid[1]))
         self.cond_offset = tokenizer.vocab_size if cond_offset is None else int(cond_offset)
@@ -446,3 +453,23 @@ def _guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """``[2b, V]`` (conditional rows, then unconditional) → ``[b, V]`` guided logits."""
     cond, uncond = logits.float().chunk(2)  # (b, V) each
     return uncond + scale * (cond - uncond)
+
+
+def assemble(config: Any, tokenizer: Tokenizer, conditioner: Conditioner | None,
+             grid: tuple[int, int], registry: Any, *, prior: Prior | None = None,
+             cond_offset: int | None = None) -> Pipeline:
+    """The Pipeline of a (loaded) ``config`` around its tokenizer and conditioner: the
+    prior built from the config (or the given, e.g. trained, one), the ordering
+    (row-major where the config has none), the sampler and the default guidance.
+    The one place a pipeline is put together from a config (training and loading)."""
+    if prior is None and config.prior is not None:
+        prior = registry.create("prior", config.prior.name, config.prior.params)
+    ordering = (registry.create("ordering", config.ordering.name, config.ordering.params)
+                if config.ordering else RowMajor())
+    sampler = (registry.create("sampler", config.sampler.name, config.sampler.params)
+               if config.sampler else None)
+    pipe = Pipeline(tokenizer, prior, grid=grid, ordering=ordering, sampler=sampler,
+                    conditioner=conditioner, cond_offset=cond_offset,
+                    guidance=config.sampling.guidance)
+    pipe.config = config  # type: ignore[attr-defined]
+    return pipe

@@ -6,21 +6,9 @@ import numpy as np
 import torch
 
 from vqgen.core.interfaces import NoParams, Ordering
+from vqgen.core.pipeline import RowMajor  # the pipeline's default, registered here
 
-
-class RowMajor(Ordering):
-    """Raster order: left to right, top to bottom (the identity permutation).
-
-    Defined as is for every ``h × w``; taming-transformers' ``Identity``.
-    """
-
-    Params = NoParams
-
-    def __init__(self) -> None:
-        super().__init__()
-
-    def permutation(self, h: int, w: int) -> torch.Tensor:
-        return torch.arange(h * w, dtype=torch.int64)
+__all__ = ["Alternate", "RowMajor"]
 
 
 class Alternate(Ordering):

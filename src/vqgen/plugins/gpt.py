@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from pydantic import Field, model_validator
 from torch import nn
@@ -460,22 +459,6 @@ class GPT(Prior):
         added = _at_inputs(self._added(cond, n), prefix.shape[1])  # (B, P + L - 1 or 1, C)
         h = self.hidden(idx, added=added)  # (B, P + L - 1, C)
         return self.head(h[:, prefix.shape[1] - 1 :])  # (B, L, V): image positions only
-
-    def forward(
-        self,
-        seq: torch.Tensor,
-        cond: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Training loss: mean cross-entropy (nats) of the image tokens.
-
-        ``targets [B, L]`` defaults to ``seq``; entries of ``-100`` are ignored.
-        """
-        logits = self.logits(seq, cond)  # (B, L, V)
-        targets = seq if targets is None else targets  # (B, L)
-        return F.cross_entropy(
-            rearrange(logits, "b l v -> (b l) v").float(), targets.reshape(-1), ignore_index=-100
-        )
 
     # -- incremental decoding -------------------------------------------------
     @torch.no_grad()

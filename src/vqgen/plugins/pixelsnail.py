@@ -400,22 +400,6 @@ class PixelSNAIL(Prior):
         out = self.grid_logits(grid, self.condition(cond, seq.shape[0]))  # (B, V, H, W)
         return rearrange(out, "b v h w -> b (h w) v")  # (B, L, V)
 
-    def forward(
-        self,
-        seq: torch.Tensor,
-        cond: torch.Tensor | None = None,
-        targets: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Training loss: mean cross-entropy (nats) of the image tokens.
-
-        ``targets [B, L]`` defaults to ``seq``; entries of ``-100`` are ignored.
-        """
-        logits = self.logits(seq, cond)  # (B, L, V)
-        targets = seq if targets is None else targets  # (B, L)
-        return F.cross_entropy(
-            rearrange(logits, "b l v -> (b l) v").float(), targets.reshape(-1), ignore_index=-100
-        )
-
     @torch.no_grad()
     def start(self, cond: torch.Tensor | None, batch_size: int) -> PixelSNAILState:
         """Compute the condition features once; no token fed yet."""

@@ -94,7 +94,7 @@ from vqgen.core.config import PipelineConfig, StageTrainConfig
 from vqgen.core.data import ConditionInputs, TokenCache
 from vqgen.core.errors import InterruptedAgain, VqgenError
 from vqgen.core.interfaces import Adversarial, Fitted, InitFromCodeVectors
-from vqgen.core.pipeline import Pipeline, RasterOrder, align_condition
+from vqgen.core.pipeline import Pipeline, align_condition, assemble
 from vqgen.core.registry import Registry, default_registry
 
 __all__ = [
@@ -103,7 +103,6 @@ __all__ = [
     "StopSignals",
     "TrainingInterrupted",
     "batch_stream",
-    "build_pipeline",
     "check_finite",
     "condition_gain",
     "held_out_dataset",
@@ -997,29 +996,6 @@ def condition_gain(pipe: Pipeline, cache: TokenCache, batch_size: int = 64) -> d
             "cond_gain_bits": other - matched}
 
 
-def build_pipeline(
-    config: PipelineConfig,
-    tokenizer: Any,
-    conditioner: Any,
-    grid: tuple[int, int],
-    registry: Registry,
-) -> Pipeline:
-    """The Pipeline of ``config`` around an existing tokenizer and conditioner."""
-    if config.prior is None:
-        raise VqgenError("the config has no prior section: nothing to train in stage 2")
-    prior = registry.create("prior", config.prior.name, config.prior.params)
-    ordering = (
-        registry.create("ordering", config.ordering.name, config.ordering.params)
-        if config.ordering else RasterOrder()
-    )
-    sampler = (
-        registry.create("sampler", config.sampler.name, config.sampler.params)
-        if config.sampler else None
-    )
-    return Pipeline(tokenizer, prior, grid=grid, ordering=ordering, sampler=sampler,
-                    conditioner=conditioner, guidance=config.sampling.guidance)
-
-
 def _token_caches(config: PipelineConfig, registry: Registry, tokenizer: Any, conditioner: Any,
                   root: Path, cfg: StageTrainConfig, progress: bool,
                   info: DistInfo) -> tuple[TokenCache, TokenCache | None]:
@@ -1082,7 +1058,9 @@ def train_prior(
     cache, held_cache = _token_caches(config, registry, tokenizer, conditioner, root, cfg,
                                       progress, info)
     grid = (int(cache.codes.shape[1]), int(cache.codes.shape[2]))
-    pipe = build_pipeline(config, tokenizer, conditioner, grid, registry).to(device)
+    if config.prior is None:
+        raise VqgenError("the config has no prior section: nothing to train in stage 2")
+    pipe = assemble(config, tokenizer, conditioner, grid, registry).to(device)
     prior = pipe._require_prior()
     if isinstance(prior, InitFromCodeVectors) and prior.wants_code_vectors:
         vectors = tokenizer.code_vectors()
