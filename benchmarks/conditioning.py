@@ -115,11 +115,10 @@ from vqgen.plugins.judges import (
     accuracy,
     mean_iou,
     predict_segmentation,
-    train_classifier,
-    train_segmenter,
 )
 from vqgen.plugins.shapes import CLASSES
 from vqgen.training.engine import held_out_dataset, token_nll, train_prior, train_tokenizer
+from vqgen.training.judges import train_classifier, train_segmenter
 
 NAME = "conditioning"
 SEED = 0

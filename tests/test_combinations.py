@@ -132,7 +132,8 @@ def _config(row: dict[str, str | None], classifier: Path | None) -> dict[str, An
 @pytest.fixture(scope="module")
 def judge(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny class judge for the rejection sampler (trained on real shapes)."""
-    from vqgen.plugins.judges import save_classifier, train_classifier
+    from vqgen.plugins.judges import save_classifier
+    from vqgen.training.judges import train_classifier
 
     path = tmp_path_factory.mktemp("judge") / "judge.safetensors"
     data = vqgen.create("dataset", "shapes", {"resolution": 32, "length": 32})

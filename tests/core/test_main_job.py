@@ -75,8 +75,9 @@ def test_psnr_and_ssim_exact_values() -> None:
 
 def test_eval_reports_tokenizer_prior_and_samples(run: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from vqgen.plugins.judges import save_classifier, train_classifier
+    from vqgen.plugins.judges import save_classifier
     from vqgen.plugins.shapes import ShapesDataset
+    from vqgen.training.judges import train_classifier
 
     clf = tmp_path / "clf.safetensors"
     save_classifier(train_classifier(ShapesDataset(resolution=32, length=64), steps=3,
@@ -104,7 +105,7 @@ def test_eval_without_classifier_says_how_to_get_one(run: Path, tmp_path: Path) 
     out = tmp_path / "eval.json"
     assert main(["eval", str(run), "--n", "16", "-o", str(out)]) == 0
     samples = json.loads(out.read_text())["samples"]
-    assert samples["class_accuracy"] is None and "vqgen.plugins.judges" in samples["note"]
+    assert samples["class_accuracy"] is None and "vqgen.training.judges" in samples["note"]
 
 
 # -----------------------------------------------------------------------------

@@ -21,14 +21,12 @@ from vqgen.plugins.judges import (
     iou_per_class,
     load_classifier,
     load_segmenter,
-    main,
     mean_iou,
     predict_segmentation,
     save_classifier,
-    train_classifier,
-    train_segmenter,
 )
 from vqgen.plugins.shapes import CLASSES, ShapesDataset
+from vqgen.training.judges import main, train_classifier, train_segmenter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

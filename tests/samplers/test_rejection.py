@@ -151,7 +151,7 @@ def test_missing_classifier_says_how_to_train_one():
         s.score(torch.zeros(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
     msg = str(err.value)
     assert "no classifier" in msg
-    assert "python -m vqgen.plugins.judges" in msg and "save_classifier" in msg
+    assert "python -m vqgen.training.judges" in msg and "save_classifier" in msg
     assert "set_classifier" in msg
 
 

@@ -280,7 +280,7 @@ def evaluate_run(
             path = find_classifier(run, classifier, config)
             if path is None:
                 out["samples"] = {"class_accuracy": None, "note": (
-                    "no classifier: train one with `python -m vqgen.plugins.judges "
+                    "no classifier: train one with `python -m vqgen.training.judges "
                     f"--augment --out {run / CLASSIFIER_FILE}` (or pass --classifier FILE)")}
             else:
                 from vqgen.plugins.judges import load_classifier
@@ -350,12 +350,8 @@ def demo_report(pipe: Any, run_dir: str | os.PathLike[str], *, train_s: float,
     from vqgen.core.data import save_image_grid
     from vqgen.core.io import atomic_write_text
     from vqgen.core.registry import default_registry
-    from vqgen.plugins.judges import (
-        accuracy,
-        load_classifier,
-        save_classifier,
-        train_classifier,
-    )
+    from vqgen.plugins.judges import accuracy, load_classifier, save_classifier
+    from vqgen.training.judges import train_classifier
 
     run = Path(run_dir)
     t0 = started

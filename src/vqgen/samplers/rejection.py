@@ -58,10 +58,11 @@ __all__ = [
 #: How to get a classifier, quoted by every "no classifier" error.
 HOW_TO_TRAIN = (
     "train one and name its file in the sampler's params (classifier: <file>): from the shell, "
-    "`python -m vqgen.plugins.judges --data shapes --data-params '{\"resolution\": 32}' "
-    "--out classifier.safetensors`; or in Python, `from vqgen.plugins.judges import "
-    "save_classifier, train_classifier; save_classifier(train_classifier(dataset), "
-    "'classifier.safetensors')`; or pass any torch module that maps images to class logits "
+    "`python -m vqgen.training.judges --data shapes --data-params '{\"resolution\": 32}' "
+    "--out classifier.safetensors`; or in Python, `from vqgen.training.judges import "
+    "train_classifier; from vqgen.plugins.judges import save_classifier; "
+    "save_classifier(train_classifier(dataset), 'classifier.safetensors')`; or pass any "
+    "torch module that maps images to class logits "
     "with sampler.set_classifier(module)"
 )
 

@@ -1,28 +1,30 @@
-"""Training loops: stage 1 (tokenizers, cond-stage tokenizers) and stage 2 (the prior).
+"""The training engine: one loop (:func:`run_loop`) and the stage objectives.
+
+:func:`run_loop` owns the steps, the progress bar, when metrics are logged, previews
+drawn and checkpoints written (``log_every``, ``image_every``, ``checkpoint_every``),
+SIGINT / SIGTERM (:class:`StopSignals`: finish the step, checkpoint, raise
+:class:`TrainingInterrupted`) and the checkpoint of a run with nothing left to do.
+An :class:`Objective` says what one step computes and what is logged and saved:
+
+* :class:`_Fitted` — a tokenizer fitted without gradients (the
+  :class:`~vqgen.core.interfaces.Fitted` protocol: ``fit_step(x, generator)``,
+  k-means), one step per global batch.
+* :class:`_Adversarial` — a tokenizer with a loss of its own and a discriminator
+  (:class:`~vqgen.core.interfaces.Adversarial`: ``build_loss()``, VQGAN); generator
+  and discriminator get an Adam optimizer each, AMP and channels-last on CUDA.
+* :class:`_Prior` — the autoregressive prior on cached tokens (below).
+* the judges' objective lives in :mod:`vqgen.training.judges`.
 
 Shared helpers: the learning-rate rule (:func:`resolve_lr`), seeding, an endless,
-resumable and rank-sharded batch stream (:func:`batch_stream`), a tqdm progress
-bar, ``metrics.jsonl`` logging (:class:`MetricsLogger`), non-finite loss detection
-(:func:`check_finite`), graceful stops on SIGINT / SIGTERM (:class:`StopSignals`)
+resumable and rank-sharded batch stream (:func:`batch_stream`), ``metrics.jsonl``
+logging (:class:`MetricsLogger`), non-finite loss detection (:func:`check_finite`)
 and distributed training through ``torchrun`` (:func:`setup_distributed`).
 Checkpoint files are written by :mod:`vqgen.core.checkpoint`.
 
-**Stage 1** (:func:`train_tokenizer`) knows no concrete tokenizer; it trains any
-tokenizer that offers one of two protocols:
-
-* **fitted** — ``fit_step(x, generator) -> dict[str, float]``: one fitting step on
-  a batch ``x`` (k-means). No optimizer.
-* **GAN-trained** — ``forward(x)`` returning an object with ``recon``, ``qloss``,
-  ``usage``, ``perplexity`` and ``restarted``; ``last_layer`` (the decoder's last
-  weight); and ``build_loss()`` returning a module with ``generator_loss(x, out,
-  step, last_layer) -> (loss, logs)``, ``discriminator`` (a module or ``None``),
-  ``discriminator_loss(x, recon, step) -> (loss, logs)`` and ``disc_active(step)``
-  (VQGAN). Generator and discriminator get their own Adam optimizers.
-
-Optional for both: ``input_key`` (the batch key trained on, default ``"image"``),
-``prepare_input(value) -> tensor`` and ``to_rgb(x) -> images`` for preview grids.
-The same loop trains a spatial conditioner's own tokenizer (the "cond" stage) on
-``conditioner.condition_input(batch)``.
+Optional for stage-1 tokenizers: ``input_key`` (the batch key trained on, default
+``"image"``), ``prepare_input(value) -> tensor`` and ``to_rgb(x) -> images`` for
+preview grids. The same objectives train a spatial conditioner's own tokenizer (the
+"cond" stage) on ``conditioner.condition_input(batch)``.
 
 **Stage 2** (:func:`train_prior`): the dataset is encoded once by the trained
 tokenizer (and conditioner) into a :class:`~vqgen.core.data.TokenCache`
