@@ -1,18 +1,6 @@
 """Run directories: train every stage a config needs, in order; load a trained run.
 
-Layout of a run directory::
-
-    config.yaml          the resolved config (every default filled in)
-    metrics.jsonl        one record per log interval, every stage
-    images/              preview grids
-    tokenizer/           stage 1: weights.safetensors, meta.json, train_state.pt, ...
-    cond/                a spatial conditioner's own tokenizer (the paper's cond stage)
-    tokens/<key>/        the token cache of the trained tokenizer (and conditioner)
-    prior/               stage 2: weights.safetensors, meta.json, train_state.pt
-    pipeline.json        what `load_run` needs beyond the config: the grid, and
-                         optionally cond_offset (0 for taming imports: shared id range)
-    .lock, .lock.owner   held by the process training the run (an OS lock that dies
-                         with it); the owner file names its pid and command line
+The layout of a run directory is :mod:`vqgen.core.layout`.
 
 Stages run in order: tokenizer → cond (only for a conditioner with a tokenizer
 of its own) → token cache → prior. A stage whose ``meta.json`` records the
@@ -34,28 +22,24 @@ from typing import Any
 
 import filelock
 import yaml
-from pydantic import BaseModel, NonNegativeInt, PositiveInt, ValidationError
+from pydantic import ValidationError
 
 from vqgen.core.config import PipelineConfig, dumps_config, load_config
 from vqgen.core.errors import VqgenError
 from vqgen.core.io import atomic_write_text
+from vqgen.core.layout import (
+    CONFIG_FILE,
+    LOCK_FILE,
+    PIPELINE_FILE,
+    STAGES,
+    read_pipeline_layout,
+    write_pipeline_layout,
+)
 from vqgen.core.pipeline import Pipeline, assemble
 from vqgen.core.registry import Registry, default_registry
 
 __all__ = ["STAGES", "config_diff", "load_run", "stage_step", "train"]
 
-STAGES = ("tokenizer", "cond", "prior")
-CONFIG_FILE = "config.yaml"
-LOCK_FILE = ".lock"
-PIPELINE_FILE = "pipeline.json"
-
-
-class _Layout(BaseModel):
-    """``pipeline.json``: the code grid the prior was trained on and, where the
-    condition tokens are offset into a shared vocabulary (taming imports), the offset."""
-
-    grid: tuple[PositiveInt, PositiveInt]
-    cond_offset: NonNegativeInt | None = None
 
 
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -214,7 +198,7 @@ def train(
         pipe = train_prior(config, tokenizer, conditioner, run, registry=registry,
                            progress=progress, resume=resume)
         if info.main:
-            _write_layout(run, pipe.grid)
+            write_pipeline_layout(run, pipe.grid)
         barrier(info)
         return pipe
 
@@ -254,15 +238,12 @@ def _restore_layout(run: Path, config: PipelineConfig, tokenizer: Any) -> None:
     """Write ``pipeline.json`` of a finished run again where it is missing or damaged
     (its grid follows from the data's resolution and the tokenizer's f)."""
     try:
-        _Layout.model_validate_json((run / PIPELINE_FILE).read_bytes())
+        read_pipeline_layout(run)
     except (OSError, ValueError):
         if isinstance(config.data.params.get("resolution"), int):
-            _write_layout(run, _stage1_grid(config, tokenizer))
+            write_pipeline_layout(run, _stage1_grid(config, tokenizer))
 
 
-def _write_layout(run: Path, grid: tuple[int, int]) -> None:
-    layout = _Layout(grid=grid).model_dump_json(exclude_none=True)
-    atomic_write_text(run / PIPELINE_FILE, layout + "\n")
 
 
 def _stage1_grid(config: PipelineConfig, tokenizer: Any) -> tuple[int, int]:
@@ -300,7 +281,7 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
                              f"{total}); finish it with {resume}")
     tokenizer = load_component(run / "tokenizer", registry, map_location)
     try:
-        layout = _Layout.model_validate_json((run / PIPELINE_FILE).read_bytes())
+        layout = read_pipeline_layout(run)
         grid, cond_offset = layout.grid, layout.cond_offset
     except FileNotFoundError:
         if config.prior is not None:

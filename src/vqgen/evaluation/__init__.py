@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from vqgen.core.errors import VqgenError
+from vqgen.core.layout import METRICS_FILE, TOKENS_DIR
 
 __all__ = [
     "class_accuracy", "condition_picture", "condition_sheet", "evaluate_run", "find_classifier",
@@ -310,7 +311,7 @@ def prior_nll(pipe: Any, run: Path, held: Any, progress: bool = False) -> dict[s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cache = TokenCache.build(
-            run / "tokens", held, pipe.tokenizer, pipe.conditioner,
+            run / TOKENS_DIR, held, pipe.tokenizer, pipe.conditioner,
             data={"data": config.data.model_dump(mode="json"), "split": "val", "n": len(held)},
             progress=progress,
         )
@@ -381,7 +382,7 @@ def demo_report(pipe: Any, run_dir: str | os.PathLike[str], *, train_s: float,
         recon = pipe.tokenizer.decode(codes).clamp(-1, 1)  # (256, 3, H, W)
     recons = save_image_grid(torch.cat([x[:8], recon[:8]]), run / "reconstructions.png", nrow=8)
     gain = prior_nll(pipe, run, held)
-    records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(r) for r in (run / METRICS_FILE).read_text().splitlines()]
     last_prior = next((r for r in reversed(records) if r.get("stage") == "prior"), {})
     metrics = {
         "train_wall_s": round(train_s, 1),

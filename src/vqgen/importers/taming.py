@@ -71,6 +71,7 @@ from vqgen.core.config import PipelineConfig, TrainConfig, dumps_config, parse_c
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import ParamsModel
 from vqgen.core.io import atomic_write_text
+from vqgen.core.layout import CONFIG_FILE, STAGES, write_pipeline_layout
 from vqgen.core.registry import Registry, default_registry
 from vqgen.plugins.vqgan.gumbel import GumbelQuantizer, VQGANGumbel
 from vqgen.plugins.vqgan.tokenizer import VQGAN
@@ -696,16 +697,15 @@ def _write_run(
 ) -> None:
     """Write the run directory; ``config.yaml`` last, so a half-written one never loads."""
     out.mkdir(parents=True, exist_ok=True)
-    save_component(out / "tokenizer", tokenizer, kind="tokenizer", name=tok_name,
+    save_component(out / STAGES[0], tokenizer, kind="tokenizer", name=tok_name,
                    step=steps["tokenizer"])
     cond_tok = getattr(conditioner, "tokenizer", None)
     if cond_tok is not None and cfg.conditioner is not None:
         spec = cfg.conditioner.params["tokenizer"]
-        save_component(out / "cond", cond_tok, kind="tokenizer", name=spec["name"],
+        save_component(out / STAGES[1], cond_tok, kind="tokenizer", name=spec["name"],
                        step=steps["cond"])
     if prior is not None:
-        save_component(out / "prior", prior, kind="prior", name="gpt", step=steps["prior"])
-    pipeline = {"grid": [int(grid[0]), int(grid[1])], "cond_offset": 0}
-    atomic_write_text(out / "pipeline.json", json.dumps(pipeline) + "\n")
+        save_component(out / STAGES[2], prior, kind="prior", name="gpt", step=steps["prior"])
+    write_pipeline_layout(out, (int(grid[0]), int(grid[1])), cond_offset=0)
     atomic_write_text(out / IMPORT_FILE, json.dumps(provenance, indent=2) + "\n")
-    atomic_write_text(out / "config.yaml", dumps_config(cfg, "yaml", registry))
+    atomic_write_text(out / CONFIG_FILE, dumps_config(cfg, "yaml", registry))

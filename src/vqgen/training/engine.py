@@ -96,6 +96,7 @@ from vqgen.core.config import PipelineConfig, StageTrainConfig
 from vqgen.core.data import ConditionInputs, TokenCache
 from vqgen.core.errors import InterruptedAgain, VqgenError
 from vqgen.core.interfaces import Adversarial, Fitted, InitFromCodeVectors
+from vqgen.core.layout import IMAGES_DIR, METRICS_FILE, TOKENS_DIR
 from vqgen.core.pipeline import Pipeline, align_condition, assemble
 from vqgen.core.registry import Registry, default_registry
 
@@ -127,9 +128,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGES_DIR = "images"
-METRICS_FILE = "metrics.jsonl"
-TOKENS_DIR = "tokens"
 PREVIEW_IMAGES = 8  # samples in a preview grid
 VAL_IMAGES = 64  # held-out samples behind a stage-1 validation loss
 LN2 = math.log(2.0)
