@@ -186,7 +186,7 @@ def shapes_tokenizer(steps: int, workdir: Path) -> tuple[Any, dict[str, Any]]:
 def unigram_entropy(cache_root: Path) -> dict[str, float]:
     """Entropy (nats, bits) of the code frequencies in every cache under ``cache_root``
     whose meta marks it as the training split (the largest one)."""
-    from vqgen.core.data import TokenCache
+    from vqgen.training.tokens import TokenCache
 
     caches = [TokenCache(p.parent) for p in cache_root.glob("*/meta.json")]
     train = max(caches, key=len)

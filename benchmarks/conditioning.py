@@ -109,7 +109,6 @@ from vqgen.conditioners.canny import canny
 from vqgen.conditioners.edge import EdgeConditioner
 from vqgen.conditioners.segmentation import SegmentationConditioner
 from vqgen.core.config import parse_config
-from vqgen.core.data import TokenCache
 from vqgen.core.registry import default_registry
 from vqgen.plugins.judges import (
     accuracy,
@@ -119,6 +118,7 @@ from vqgen.plugins.judges import (
 from vqgen.plugins.shapes import CLASSES
 from vqgen.training.engine import held_out_dataset, token_nll, train_prior, train_tokenizer
 from vqgen.training.judges import train_classifier, train_segmenter
+from vqgen.training.tokens import TokenCache
 
 NAME = "conditioning"
 SEED = 0
@@ -601,7 +601,7 @@ def closure(name: str, fid: Mapping[str, Mapping[str, float]]) -> float | None:
 def save_pictures(name: str, pipe: Any, held: Mapping[str, torch.Tensor], out: Path) -> str:
     """What the samples look like: a row per class (class), or rows of condition |
     4 samples | real image for held-out conditions (spatial conditioners)."""
-    from vqgen.core.data import save_image_grid
+    from vqgen.core.images import save_image_grid
     from vqgen.evaluation import condition_sheet
 
     if name == "class":

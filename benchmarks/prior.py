@@ -15,7 +15,7 @@ Three measurements, all on CPU, fixed seeds and sizes, medians over repeats:
 3. **Stage-2 step time with the token cache vs encoding images every step** on a
    VQGAN f = 4 / 32×32 setting (8×8 = 64 tokens per image), batch 64, the prior of
    ``configs/demo.yaml`` (GPT 4 layers × 128). With the cache a step reads code grids
-   from the memory-mapped :class:`vqgen.core.data.TokenCache`; without it a step renders
+   from the memory-mapped :class:`vqgen.training.tokens.TokenCache`; without it a step renders
    the ``shapes`` images (the data loader), encodes them with the tokenizer and then
    trains. Two tokenizers: taming's f = 4 architecture (``ch`` 128, ``ch_mult``
    [1, 2, 4], 2 residual blocks per level, as in taming / latent-diffusion's ``vq-f4``),
@@ -39,7 +39,6 @@ import torch
 from _common import emit, env, log, match_pixelsnail, parser, rounded, scaled, setup, timed
 
 from vqgen.core.config import load_config
-from vqgen.core.data import TokenCache
 from vqgen.core.interfaces import Prior
 from vqgen.core.pipeline import RowMajor
 from vqgen.plugins.gpt import GPT
@@ -47,6 +46,7 @@ from vqgen.plugins.pixelsnail import PixelSNAIL
 from vqgen.plugins.shapes import ShapesDataset
 from vqgen.plugins.vqgan import VQGAN
 from vqgen.training.engine import optimizer_groups
+from vqgen.training.tokens import TokenCache
 
 NAME = "prior"
 SEED = 0

@@ -109,7 +109,7 @@ def _cmd_data_write(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_preview(args: argparse.Namespace) -> int:
-    from vqgen.core.data import write_preview
+    from vqgen.core.images import write_preview
     from vqgen.core.registry import default_registry
 
     params = _parse_kv(args.param)
@@ -139,7 +139,7 @@ MAX_SIDE = 8192  # --size: pixels per side
 def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from vqgen.core.data import save_image_grid
+    from vqgen.core.images import save_image_grid
     from vqgen.core.registry import default_registry
     from vqgen.runs import load_run
 
@@ -202,7 +202,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _sample_held_out(pipe: Any, args: argparse.Namespace, sampler: Any) -> int:
     """A spatially conditioned run without ``--cond``: conditions from the held-out
     split, one row each: condition | samples | the real image."""
-    from vqgen.core.data import save_image_grid
+    from vqgen.core.images import save_image_grid
     from vqgen.evaluation import condition_sheet
 
     per_row = min(args.n, 4)

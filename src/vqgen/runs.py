@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from vqgen.core.config import PipelineConfig, dumps_config, load_config
 from vqgen.core.errors import VqgenError
+from vqgen.core.interfaces import cond_stage_tokenizer
 from vqgen.core.io import atomic_write_text
 from vqgen.core.layout import (
     CONFIG_FILE,
@@ -112,7 +113,7 @@ def _conditioner(config: PipelineConfig, registry: Registry) -> Any:
 
 
 def _has_cond_stage(conditioner: Any) -> bool:
-    return getattr(conditioner, "tokenizer", None) is not None
+    return cond_stage_tokenizer(conditioner) is not None
 
 
 def _load_cond_tokenizer(run: Path, conditioner: Any, map_location: str = "cpu") -> None:

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vqgen.core.data import DataWarning, FolderDataset, save_image_grid, u8_to_image
+from vqgen.core.data import DataWarning
 from vqgen.core.errors import VqgenError
+from vqgen.core.images import save_image_grid, u8_to_image
+from vqgen.plugins.folder import FolderDataset
 
 
 def rgb(w: int, h: int, seed: int = 0) -> np.ndarray:

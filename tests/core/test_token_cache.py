@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vqgen
-from vqgen.core.data import TokenCache, state_hash
+from vqgen.training.tokens import TokenCache, state_hash
 from vqgen_test_stubs import StubConditioner, StubTokenizer
 
 

@@ -54,7 +54,7 @@ def test_prior_beats_unigram_entropy_on_cached_shapes_tokens(
     tok = test_registry.create("tokenizer", "stub_tokenizer", {"n_embed": 16})
     pipe = train_prior(cfg, tok, run_dir=tmp_path, registry=test_registry, progress=False)
     held = vqgen.create("dataset", "shapes", {"resolution": 32, "length": 512, "split": "val"})
-    from vqgen.core.data import TokenCache
+    from vqgen.training.tokens import TokenCache
 
     cache = TokenCache.build(tmp_path / "tokens", held, tok, data={"split": "val", "n": 512},
                              progress=False)
@@ -142,8 +142,8 @@ class LabelShades(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def label_pipeline(tmp_path: Path, test_registry: vqgen.Registry, n: int = 64) -> Any:
-    from vqgen.core.data import TokenCache
     from vqgen.core.pipeline import Pipeline
+    from vqgen.training.tokens import TokenCache
 
     tok = test_registry.create("tokenizer", "stub_tokenizer", {"n_embed": 16})
     cond = vqgen.create("conditioner", "class", {"n_classes": 4})

@@ -12,8 +12,8 @@ from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 import vqgen
-from vqgen.core.data import FolderDataset
 from vqgen.core.errors import VqgenError
+from vqgen.plugins.folder import FolderDataset
 from vqgen.plugins.shapes import CLASSES, KEYPOINT_NAMES, SKELETON, ShapesDataset, write_shapes
 
 KEYS = ("image", "label", "segmentation", "depth", "keypoints")

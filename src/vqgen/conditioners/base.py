@@ -51,14 +51,23 @@ def drop_condition(
     tokens: torch.Tensor,
     p: float,
     generator: torch.Generator | None = None,
+    *,
+    rank: int = 0,
+    world: int = 1,
 ) -> torch.Tensor:
     """Condition dropout: each sample's ``[B, Lc]`` tokens become null with probability ``p``.
 
-    ``tokens`` are the conditioner's own ids (before the pipeline's offset).
+    ``tokens`` are the conditioner's own ids (before the pipeline's offset). The draws
+    (on ``generator``'s device; the CPU without one) cover a global batch of ``world``
+    slices of ``B``, of which ``tokens`` is slice ``rank``: distributed ranks drop what
+    one process with the whole batch would.
     """
     if p <= 0:
         return tokens
-    drop = torch.rand(tokens.shape[0], generator=generator).to(tokens.device) < p  # (B,)
+    b = tokens.shape[0]
+    device = generator.device if generator is not None else torch.device("cpu")
+    u = torch.rand(b * world, generator=generator, device=device)  # (B·world,)
+    drop = u[rank * b : (rank + 1) * b].to(tokens.device) < p  # (B,)
     return torch.where(drop[:, None], conditioner.null_like(tokens), tokens)
 
 

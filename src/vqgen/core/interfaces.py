@@ -29,6 +29,7 @@ __all__ = [
     "Adversarial",
     "Auto",
     "Component",
+    "CondStage",
     "Conditioner",
     "Fitted",
     "InitFromCodeVectors",
@@ -39,6 +40,7 @@ __all__ = [
     "Sampler",
     "Sizes",
     "Tokenizer",
+    "cond_stage_tokenizer",
     "require_wired",
     "signature_problems",
 ]
@@ -441,6 +443,22 @@ class Adversarial(Protocol):
     """
 
     def build_loss(self) -> nn.Module: ...
+
+
+@runtime_checkable
+class CondStage(Protocol):
+    """A conditioner with a tokenizer of its own (the paper's cond stage): a spatial
+    map encoded by ``tokenizer`` (``None`` where it has none, e.g. segmentation by
+    majority vote), trained as the "cond" stage on ``condition_input(batch)``."""
+
+    tokenizer: Tokenizer | None
+
+    def condition_input(self, batch: Mapping[str, Any]) -> torch.Tensor: ...
+
+
+def cond_stage_tokenizer(conditioner: Any) -> Tokenizer | None:
+    """The tokenizer a conditioner trains as the cond stage, or None."""
+    return conditioner.tokenizer if isinstance(conditioner, CondStage) else None
 
 
 class Sampler(Component):

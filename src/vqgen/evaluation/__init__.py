@@ -199,7 +199,7 @@ def _fid(pipe: Any, held: torch.Tensor, n: int) -> dict[str, Any]:
         import torch_fidelity  # type: ignore[import-not-found]
     except ImportError:
         return {"fid_is": "skipped: torch-fidelity is not installed (pip install 'vqgen[eval]')"}
-    from vqgen.core.data import save_image_grid
+    from vqgen.core.images import save_image_grid
 
     n_classes = getattr(pipe.conditioner, "n_classes", None)
     cond = torch.arange(n)[:n] % n_classes if n_classes else None
@@ -304,8 +304,8 @@ def prior_nll(pipe: Any, run: Path, held: Any, progress: bool = False) -> dict[s
     ``cond_gain_bits``, how much the prior uses its condition
     (:func:`vqgen.training.engine.condition_gain`).
     """
-    from vqgen.core.data import TokenCache
     from vqgen.training.engine import condition_gain, token_nll
+    from vqgen.training.tokens import TokenCache
 
     config = pipe.config
     with warnings.catch_warnings():
@@ -348,7 +348,7 @@ def demo_report(pipe: Any, run_dir: str | os.PathLike[str], *, train_s: float,
     import json
     import time
 
-    from vqgen.core.data import save_image_grid
+    from vqgen.core.images import save_image_grid
     from vqgen.core.io import atomic_write_text
     from vqgen.core.registry import default_registry
     from vqgen.plugins.judges import accuracy, load_classifier, save_classifier

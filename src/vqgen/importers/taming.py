@@ -69,7 +69,7 @@ from torch import nn
 
 from vqgen.core.config import PipelineConfig, TrainConfig, dumps_config, parse_config
 from vqgen.core.errors import VqgenError
-from vqgen.core.interfaces import ParamsModel
+from vqgen.core.interfaces import ParamsModel, cond_stage_tokenizer
 from vqgen.core.io import atomic_write_text
 from vqgen.core.layout import CONFIG_FILE, STAGES, write_pipeline_layout
 from vqgen.core.registry import Registry, default_registry
@@ -623,7 +623,7 @@ def import_taming(
         conditioner = None
         if cond_name is not None:
             conditioner = _build(registry, tensors, "conditioner", cond_name, cond_params or {})
-            cond_tok = getattr(conditioner, "tokenizer", None)
+            cond_tok = cond_stage_tokenizer(conditioner)
             if cond_tok is not None:
                 tensors.load(cond_tok, "cond_stage_model.", "cond stage")
         ordering, grid = _ordering(p.get("permuter_config"), tensors, registry,
@@ -699,7 +699,7 @@ def _write_run(
     out.mkdir(parents=True, exist_ok=True)
     save_component(out / STAGES[0], tokenizer, kind="tokenizer", name=tok_name,
                    step=steps["tokenizer"])
-    cond_tok = getattr(conditioner, "tokenizer", None)
+    cond_tok = cond_stage_tokenizer(conditioner)
     if cond_tok is not None and cfg.conditioner is not None:
         spec = cfg.conditioner.params["tokenizer"]
         save_component(out / STAGES[1], cond_tok, kind="tokenizer", name=spec["name"],

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vqgen.core.data import FolderDataset
 from vqgen.core.hookspecs import hookimpl
+from vqgen.plugins.folder import FolderDataset
 from vqgen.plugins.gpt import GPT
 from vqgen.plugins.kmeans import KMeansTokenizer
 from vqgen.plugins.pixelsnail import PixelSNAIL

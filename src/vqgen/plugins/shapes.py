@@ -62,8 +62,8 @@ from pydantic import Field, ValidationError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from vqgen.core.data import u8_to_image
 from vqgen.core.errors import VqgenError
+from vqgen.core.images import u8_to_image
 from vqgen.core.interfaces import Component, ParamsModel
 from vqgen.core.registry import format_validation_error
 

@@ -27,7 +27,7 @@ preview grids. The same objectives train a spatial conditioner's own tokenizer (
 "cond" stage) on ``conditioner.condition_input(batch)``.
 
 **Stage 2** (:func:`train_prior`): the dataset is encoded once by the trained
-tokenizer (and conditioner) into a :class:`~vqgen.core.data.TokenCache`
+tokenizer (and conditioner) into a :class:`~vqgen.training.tokens.TokenCache`
 (``run_dir/tokens/<key>/``); the prior trains on those grids, flattened by the
 ordering. AdamW (betas 0.9 / 0.95, weight decay on Linear and conv weights only),
 linear warm-up then cosine decay to 10 %, gradient clipping and accumulation,
@@ -75,6 +75,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from vqgen.conditioners.base import drop_condition
 from vqgen.core.checkpoint import (
     CheckpointError,
     checkpoint_commit,
@@ -93,12 +94,18 @@ from vqgen.core.checkpoint import (
     set_rng_state,
 )
 from vqgen.core.config import PipelineConfig, StageTrainConfig
-from vqgen.core.data import ConditionInputs, TokenCache
+from vqgen.core.data import ConditionInputs
 from vqgen.core.errors import InterruptedAgain, VqgenError
-from vqgen.core.interfaces import Adversarial, Fitted, InitFromCodeVectors
+from vqgen.core.interfaces import (
+    Adversarial,
+    Fitted,
+    InitFromCodeVectors,
+    cond_stage_tokenizer,
+)
 from vqgen.core.layout import IMAGES_DIR, METRICS_FILE, TOKENS_DIR
 from vqgen.core.pipeline import Pipeline, align_condition, assemble
 from vqgen.core.registry import Registry, default_registry
+from vqgen.training.tokens import TokenCache
 
 __all__ = [
     "DistInfo",
@@ -567,7 +574,7 @@ class _Stage1(Objective):
         data = registry.create("dataset", config.data.name, config.data.params)
         held = held_out_dataset(config, registry, VAL_IMAGES)
         if stage == "cond":
-            tok = getattr(conditioner, "tokenizer", None)
+            tok = cond_stage_tokenizer(conditioner)
             if tok is None:
                 raise VqgenError(
                     "the cond stage trains a spatial conditioner's own tokenizer, but "
@@ -629,7 +636,7 @@ class _Stage1(Objective):
     def preview(self, step: int) -> None:
         if self.ckpt_dir is None or self.run_dir is None:
             return
-        from vqgen.core.data import save_image_grid
+        from vqgen.core.images import save_image_grid
 
         was_training = self.tok.training
         self.tok.eval()
@@ -724,11 +731,11 @@ def train_tokenizer(
         raise VqgenError(f"unknown stage-1 stage {stage!r}; valid: tokenizer, cond")
     registry = registry or default_registry()
     if stage == "tokenizer":  # built by the objective, after seeding: its initial weights
-        cls: type | None = registry.get("tokenizer", config.tokenizer.name).cls
+        cls: type = registry.get("tokenizer", config.tokenizer.name).cls
     else:
-        cls = type(getattr(conditioner, "tokenizer", None) or None) if conditioner else None
+        cls = type(cond_stage_tokenizer(conditioner))
     kind: type[_Stage1]
-    if cls is None or cls is type(None):
+    if cls is type(None):
         kind = _Stage1  # the cond stage without a tokenizer: its __init__ says so
     elif issubclass(cls, Fitted):
         kind = _Fitted
@@ -944,10 +951,8 @@ def _cond_input(pipe: Pipeline, raw: torch.Tensor | None, dropout: float,
         return None
     if dropout > 0:
         assert pipe.conditioner is not None
-        b = raw.shape[0]
-        u = torch.rand(b * info.world, generator=gen, device=raw.device)  # (B·world,)
-        drop = u[info.rank * b : (info.rank + 1) * b] < dropout  # (B,)
-        raw = torch.where(drop[:, None], pipe.conditioner.null_like(raw), raw)
+        raw = drop_condition(pipe.conditioner, raw, dropout, gen, rank=info.rank,
+                             world=info.world)
     return raw + pipe.cond_offset
 
 
