@@ -2,9 +2,11 @@
 """Conditioned synthesis on ``shapes`` 32×32: does each condition carry information, and
 do samples follow it? (Sec. 3.2 / 4.2 of Taming Transformers, at CPU scale.)
 
-One image tokenizer (the small f = 4 VQGAN of ``_common.TOKENIZER_PARAMS`` with an L2
-pixel loss and beta 0.25: 8×8 grids of 512 codes) is trained once with vqgen's stage-1
-trainer. Then, for each of the six built-in conditioners (``class``, ``segmentation``,
+One image tokenizer per data setting (the small f = 4 VQGAN of
+``_common.TOKENIZER_PARAMS`` with an L2 pixel loss and beta 0.25: 8×8 grids of 512
+codes on today's ``shapes`` defaults; the demo setting takes ``configs/demo.yaml``'s
+data params and its 64-code codebook) is trained once with vqgen's stage-1 trainer.
+Then, for each of the six built-in conditioners (``class``, ``segmentation``,
 ``depth``, ``edge``, ``pose``, ``lowres``):
 
 1. **cond stage** — a spatial conditioner's own tokenizer (a small f = 4 VQGAN; for
