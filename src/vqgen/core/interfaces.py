@@ -371,7 +371,6 @@ class Prior(Component, nn.Module):
 
 
     @torch.no_grad()
-    @torch.no_grad()
     def generate(
         self,
         cond: torch.Tensor | None,

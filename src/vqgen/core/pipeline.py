@@ -375,19 +375,21 @@ class Pipeline(nn.Module):
         guided = guidance != 1.0 and c is not None
         if guided:
             c = torch.cat([c, self._null(c)])  # (2b, Lc): conditional, then unconditional
-        state = prior.start(c, 2 * b if guided else b)
-        token: torch.Tensor | None = None
-        seq = []
-        for i in range(h * w):
-            feed = torch.cat([token, token]) if guided and token is not None else token
-            logits, state = prior.step(state, feed)  # (b or 2b, V)
+        position = 0
+
+        def pick(logits: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+            """The next token of each sample: a known prefix token, or the sampler's draw
+            from the (guided) logits; fed twice when guided (both halves of the batch)."""
+            nonlocal position
             if guided:
                 logits = _guide(logits, guidance)  # (b, V)
-            token = known[:, i] if known is not None and i < n_known else sampler.sample(
-                logits, generator=gen
-            )  # (b,)
-            seq.append(token)
-        return self.ordering.unflatten(torch.stack(seq, dim=1), h, w)  # (b, h, w)
+            token = known[:, position] if known is not None and position < n_known else \
+                sampler.sample(logits, generator=g)  # (b,)
+            position += 1
+            return torch.cat([token, token]) if guided else token  # (b or 2b,)
+
+        seq = prior.generate(c, h * w, 2 * b if guided else b, sample_fn=pick, generator=gen)
+        return self.ordering.unflatten(seq[:b], h, w)  # (b, h, w)
 
     def _null(self, c: torch.Tensor) -> torch.Tensor:
         """Offset null tokens shaped like the offset condition tokens ``c``."""
