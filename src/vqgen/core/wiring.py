@@ -46,7 +46,8 @@ def _build(registry: Registry, kind: str, spec: ComponentSpec, section: str) -> 
             with torch.device("meta"):
                 return registry.create(kind, spec.name, spec.params)
         except (RuntimeError, NotImplementedError, TypeError):  # needs real tensors
-            return registry.create(kind, spec.name, spec.params)
+            with torch.random.fork_rng(devices=[]):  # its initial weights draw nothing
+                return registry.create(kind, spec.name, spec.params)
     except Exception as exc:  # noqa: BLE001 (a plugin's constructor may raise anything)
         raise _Stop([(f"{section}.params", f"cannot build it: {exc}")]) from None
 
