@@ -24,6 +24,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from vqgen.core.errors import VqgenError
+
 __all__ = [
     "AUTO",
     "Adversarial",
@@ -151,8 +153,6 @@ def require_wired(component: Component, names: tuple[str, ...],
         component.params = component.params.model_copy(update=fixed)
     left = [n for n in names if getattr(component.params, n) == AUTO]
     if left:
-        from vqgen.core.errors import VqgenError
-
         who = type(component).__name__
         raise VqgenError(
             f"{who}: {', '.join(left)} {'is' if len(left) == 1 else 'are'} 'auto', which a "

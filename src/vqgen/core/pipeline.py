@@ -439,16 +439,11 @@ class Pipeline(nn.Module):
         return codes
 
     def _cond_grid(self, cond: Mapping[str, Any] | None, h: int, w: int) -> torch.Tensor | None:
-        """The spatial condition as a ``[b, h, w]`` token grid (before offsetting)."""
+        """The spatial condition as a ``[b, h, w]`` token grid (before offsetting); its
+        size was checked against the canvas by :meth:`generate`."""
         if cond is None or self.conditioner is None or not self.conditioner.spatial:
             return None
-        grid = self.conditioner.grid(cond)  # (b, hc, wc)
-        if tuple(grid.shape[1:]) != (h, w):
-            raise VqgenError(
-                f"the spatial condition is a {grid.shape[1]}x{grid.shape[2]} token grid but "
-                f"the canvas is {h}x{w} latents; give a condition of the canvas size"
-            )
-        return grid
+        return self.conditioner.grid(cond)  # (b, h, w)
 
 
 def _guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
