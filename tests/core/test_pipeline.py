@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vqgen
-from vqgen.core.pipeline import Pipeline, window_origin
+from vqgen.core.pipeline import Pipeline, _Draw, window_origin
 from vqgen_test_stubs import StubConditioner, StubTokenizer
 
 V = 16  # image codes of the stub tokenizer
@@ -117,9 +117,8 @@ def test_sliding_and_cached_paths_agree_on_the_training_grid() -> None:
     ).eval()
     pipe = Pipeline(StubTokenizer(), gpt, grid=(4, 4), sampler=vqgen.create("sampler", "top_k"))
     cached = pipe.generate(3, seed=7).codes
-    sliding = pipe._sample_sliding(
-        gpt, 3, 4, 4, None, pipe.sampler, torch.Generator().manual_seed(7), None
-    )
+    draw = _Draw(gpt, 3, None, pipe.sampler, torch.Generator().manual_seed(7), None)
+    sliding = pipe._sample_sliding(draw, 4, 4)
     assert torch.equal(cached, sliding)
 
 

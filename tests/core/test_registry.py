@@ -125,3 +125,41 @@ def test_copy_is_independent(registry: vqgen.Registry) -> None:
 def test_module_level_api_uses_default_registry() -> None:
     assert vqgen.list_components("ordering", "snake") == ["snake"]
     assert isinstance(vqgen.create("ordering", "snake"), vqgen.Ordering)
+
+
+class Strided(vqgen.Ordering):
+    """Raster order; declares its fields once, in Params."""
+
+    class Params(vqgen.ParamsModel):
+        stride: int = Field(1, ge=1)
+        name: str = "x"
+
+    def __init__(self, **fields: object) -> None:
+        super().__init__(**fields)
+
+    def permutation(self, h: int, w: int) -> torch.Tensor:
+        return torch.arange(h * w)
+
+
+def test_a_fields_only_constructor_takes_its_signature_from_params() -> None:
+    import inspect
+
+    sig = inspect.signature(Strided)
+    assert [(p.name, p.kind, p.default) for p in sig.parameters.values()] == [
+        ("stride", inspect.Parameter.KEYWORD_ONLY, 1),
+        ("name", inspect.Parameter.KEYWORD_ONLY, "x"),
+    ]
+    assert signature_problems(Strided) == []
+    assert Strided(stride=3).params.stride == 3
+    with pytest.raises(ValueError, match="bogus"):
+        Strided(bogus=1)  # extra="forbid": nothing but the Params fields
+    with pytest.raises(ValueError, match="stride"):
+        Strided(stride=0)
+    # an explicit constructor that drifts from Params is still caught
+    assert signature_problems(Flip) == []
+
+    class Drifted(Flip):
+        def __init__(self, stride: int = 2) -> None:
+            super().__init__(stride=stride)
+
+    assert signature_problems(Drifted) == ["default of 'stride' is 2 in __init__ but 1 in Params"]

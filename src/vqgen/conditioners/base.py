@@ -27,7 +27,7 @@ from pydantic import Field
 from vqgen.core.data import ConditionInputs
 from vqgen.core.errors import SampleError, VqgenError
 from vqgen.core.interfaces import Conditioner, ParamsModel, Sizes, Tokenizer
-from vqgen.core.registry import default_registry
+from vqgen.core.registry import current_registry
 
 __all__ = [
     "ConditionInputs",
@@ -144,7 +144,7 @@ class SpatialConditioner(Conditioner):
         out = super().wire(params, sizes)
         spec = out.get("tokenizer")
         if isinstance(spec, dict) and "name" in spec and sizes.downsample is not None:
-            tok_cls = default_registry().get("tokenizer", spec["name"]).cls
+            tok_cls = current_registry().get("tokenizer", spec["name"]).cls
             nested = tok_cls.with_downsample(dict(spec.get("params") or {}), sizes.downsample)
             out["tokenizer"] = {**spec, "params": nested}
         return out
@@ -157,13 +157,14 @@ class SpatialConditioner(Conditioner):
 
     def _build_tokenizer(self, spec: TokenizerSpec, channels: int, channel_param: str) -> Tokenizer:
         who = type(self).__name__
+        registry = current_registry()  # the one building this conditioner
         try:
-            fields = default_registry().get("tokenizer", spec.name).params_model.model_fields
+            fields = registry.get("tokenizer", spec.name).params_model.model_fields
             if channel_param not in fields:  # e.g. a plain VQGAN given one-hot label maps
                 channel_param = "in_channels"
             if channel_param in fields and channel_param not in spec.params:
                 spec.params = {channel_param: channels, **spec.params}  # what it is fed
-            tok = default_registry().create("tokenizer", spec.name, spec.params)
+            tok = registry.create("tokenizer", spec.name, spec.params)
         except VqgenError as exc:
             raise VqgenError(
                 f"{who}: cannot build its tokenizer (params.tokenizer): {exc}"

@@ -83,6 +83,24 @@ def signature_problems(cls: type) -> list[str]:
     return problems
 
 
+def _takes_only_fields(fn: Any) -> bool:
+    """Whether ``fn(self, **fields)`` takes nothing but keyword fields."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return len(params) == 1 and params[0].kind is inspect.Parameter.VAR_KEYWORD
+
+
+def params_signature(model: type[ParamsModel]) -> inspect.Signature:
+    """``(self, *, field=default, ...)``: the constructor signature ``model`` declares."""
+    empty = inspect.Parameter.empty
+    args = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for name, field in model.model_fields.items():
+        default = empty if field.is_required() else field.get_default(
+            call_default_factory=True)
+        args.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                      default=default, annotation=field.annotation))
+    return inspect.Signature(args)
+
+
 #: The value of a size that the pipeline's assembly takes from the other stages.
 AUTO = "auto"
 Auto = Literal["auto"]
@@ -109,7 +127,9 @@ class Component(ABC):  # noqa: B024 (abstract by role; subclasses add the method
     """Mixin shared by all components: validates and stores constructor fields.
 
     Subclasses call ``super().__init__(**fields)`` with exactly the fields of their
-    ``Params`` model; the validated model is stored as ``self.params``.
+    ``Params`` model; the validated model is stored as ``self.params``. A constructor
+    that takes only ``**fields`` gets its signature from ``Params`` (keyword-only, the
+    same defaults), so the model is the one place its fields are declared.
     """
 
     Params: ClassVar[type[ParamsModel]] = NoParams
@@ -117,6 +137,12 @@ class Component(ABC):  # noqa: B024 (abstract by role; subclasses add the method
     def __init__(self, **fields: Any) -> None:
         super().__init__()  # nn.Module.__init__ where the component is a module
         self.params = type(self).Params(**fields)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and _takes_only_fields(init):
+            init.__signature__ = params_signature(cls.Params)
 
     @classmethod
     def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:

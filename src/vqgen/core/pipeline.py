@@ -255,7 +255,9 @@ class Pipeline(nn.Module):
             """Codes and decoded images for the samples ``idx`` of the request."""
             sub = {k: v[idx] if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()}
             pre = prefix[idx] if prefix is not None else None
-            codes = self._sample_codes(len(idx), h, w, sub or None, sampler, gen, pre, guidance)
+            request = _Draw(self._require_prior(), len(idx), sub or None, sampler, gen, pre,
+                            guidance)
+            codes = self._sample_codes(request, h, w)
             return self.to_images(self.tokenizer.decode(codes)), codes
 
         select = getattr(sampler, "draw_and_select", None)
@@ -328,21 +330,10 @@ class Pipeline(nn.Module):
             )
         return prefix.expand(n, -1, -1).to(self.device)
 
-    def _sample_codes(
-        self,
-        b: int,
-        h: int,
-        w: int,
-        cond: Mapping[str, Any] | None,
-        sampler: Sampler,
-        gen: torch.Generator | None,
-        prefix: torch.Tensor | None,
-        guidance: float = 1.0,
-    ) -> torch.Tensor:
+    def _sample_codes(self, d: _Draw, h: int, w: int) -> torch.Tensor:
         """``[b, h, w]`` codes: cached decoding on the training grid, else sliding."""
-        prior = self._require_prior()
         if (h, w) == self.grid:
-            return self._sample_cached(prior, b, h, w, cond, sampler, gen, prefix, guidance)
+            return self._sample_cached(d, h, w)
         if h < self.grid[0] or w < self.grid[1]:
             raise VqgenError(
                 f"canvas {h}x{w} latents is smaller than the training grid "
@@ -355,20 +346,11 @@ class Pipeline(nn.Module):
                 f"which needs row-major order; this pipeline uses "
                 f"{type(self.ordering).__name__}"
             )
-        return self._sample_sliding(prior, b, h, w, cond, sampler, gen, prefix, guidance)
+        return self._sample_sliding(d, h, w)
 
-    def _sample_cached(
-        self,
-        prior: Prior,
-        b: int,
-        h: int,
-        w: int,
-        cond: Mapping[str, Any] | None,
-        sampler: Sampler,
-        gen: torch.Generator | None,
-        prefix: torch.Tensor | None,
-        guidance: float = 1.0,
-    ) -> torch.Tensor:
+    def _sample_cached(self, d: _Draw, h: int, w: int) -> torch.Tensor:
+        prior, b, cond, sampler, prefix, guidance = (
+            d.prior, d.b, d.cond, d.sampler, d.prefix, d.guidance)
         known = self.ordering.flatten(prefix) if prefix is not None else None  # (b, r*w)
         n_known = known.shape[1] if known is not None else 0
         c = self.cond_tokens(cond)  # (b, Lc) or None
@@ -388,7 +370,7 @@ class Pipeline(nn.Module):
             position += 1
             return torch.cat([token, token]) if guided else token  # (b or 2b,)
 
-        seq = prior.generate(c, h * w, 2 * b if guided else b, sample_fn=pick, generator=gen)
+        seq = prior.generate(c, h * w, 2 * b if guided else b, sample_fn=pick, generator=d.gen)
         return self.ordering.unflatten(seq[:b], h, w)  # (b, h, w)
 
     def _null(self, c: torch.Tensor) -> torch.Tensor:
@@ -396,18 +378,8 @@ class Pipeline(nn.Module):
         assert self.conditioner is not None
         return self.conditioner.null_like(c - self.cond_offset) + self.cond_offset
 
-    def _sample_sliding(
-        self,
-        prior: Prior,
-        b: int,
-        h: int,
-        w: int,
-        cond: Mapping[str, Any] | None,
-        sampler: Sampler,
-        gen: torch.Generator | None,
-        prefix: torch.Tensor | None,
-        guidance: float = 1.0,
-    ) -> torch.Tensor:
+    def _sample_sliding(self, d: _Draw, h: int, w: int) -> torch.Tensor:
+        prior, b, cond, prefix, guidance = d.prior, d.b, d.cond, d.prefix, d.guidance
         wh, ww = self.grid
         codes = torch.zeros(b, h, w, dtype=torch.long, device=self.device)  # (b, h, w)
         n_known = 0
@@ -435,7 +407,7 @@ class Pipeline(nn.Module):
                     logits = _guide(both[:, pos], guidance)  # (b, V)
                 else:
                     logits = prior.logits(window, c)[:, pos]  # (b, V): sees window[:, :pos] only
-                codes[:, i, j] = sampler.sample(logits, generator=gen)
+                codes[:, i, j] = d.sampler.sample(logits, generator=d.gen)
         return codes
 
     def _cond_grid(self, cond: Mapping[str, Any] | None, h: int, w: int) -> torch.Tensor | None:
@@ -444,6 +416,20 @@ class Pipeline(nn.Module):
         if cond is None or self.conditioner is None or not self.conditioner.spatial:
             return None
         return self.conditioner.grid(cond)  # (b, h, w)
+
+
+@dataclass
+class _Draw:
+    """One batch of sampling, besides its canvas: ``b`` samples from ``prior`` under
+    ``cond`` with ``sampler`` and ``gen``, a known ``prefix`` of rows, the guidance."""
+
+    prior: Prior
+    b: int
+    cond: Mapping[str, Any] | None
+    sampler: Sampler
+    gen: torch.Generator | None
+    prefix: torch.Tensor | None  # (b, r, w) known top rows, or None
+    guidance: float = 1.0
 
 
 def _guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -469,4 +455,5 @@ def assemble(config: Any, tokenizer: Tokenizer, conditioner: Conditioner | None,
                     conditioner=conditioner, cond_offset=cond_offset,
                     guidance=config.sampling.guidance)
     pipe.config = config  # type: ignore[attr-defined]
+    pipe.registry = registry  # type: ignore[attr-defined]  # held-out data, judges
     return pipe

@@ -5,6 +5,12 @@ A :class:`Registry` maps ``(kind, name)`` to a component class, the pydantic
 built-ins, the distribution name for an entry-point plugin). The default,
 process-wide registry is built lazily by :func:`default_registry`, which loads
 the built-in plugins and every installed plugin package.
+
+A component that builds others (a conditioner its own tokenizer, the rejection sampler
+its inner sampler, a chain its steps) takes them from :func:`current_registry`: the
+registry that is building it (:meth:`Registry.create`, wiring in
+:meth:`Registry.building`), so a custom registry passed to ``train`` or ``load_run``
+reaches every nested component; outside construction it is the default registry.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import difflib
 import fnmatch
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +42,7 @@ __all__ = [
     "Entry",
     "Registry",
     "create",
+    "current_registry",
     "default_registry",
     "list_components",
     "register",
@@ -51,6 +60,9 @@ KINDS: dict[str, type | None] = {
 }
 
 T = TypeVar("T", bound=type)
+
+#: The registry building a component right now (see :func:`current_registry`).
+_building: ContextVar[Registry | None] = ContextVar("vqgen_building_registry", default=None)
 
 
 class ComponentError(VqgenError):
@@ -221,7 +233,18 @@ class Registry:
         entry = self.get(kind, name)
         p = self.validate_params(kind, name, params)
         fields = {k: getattr(p, k) for k in type(p).model_fields}
-        return entry.cls(**fields)
+        with self.building():
+            return entry.cls(**fields)
+
+    @contextmanager
+    def building(self) -> Iterator[Registry]:
+        """Within this block :func:`current_registry` is this registry: components built
+        or wired here take their nested components from it."""
+        token = _building.set(self)
+        try:
+            yield self
+        finally:
+            _building.reset(token)
 
 
 class _Scoped:
@@ -268,6 +291,12 @@ def default_registry(*, reload: bool = False) -> Registry:
             load_plugins(reg)
             _default = reg
         return _default
+
+
+def current_registry() -> Registry:
+    """The registry to build nested components from: the one building the component
+    under construction, else the default registry."""
+    return _building.get() or default_registry()
 
 
 def register(kind: str, name: str) -> Callable[[T], T]:

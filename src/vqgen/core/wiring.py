@@ -57,7 +57,8 @@ def _rewire(registry: Registry, kind: str, spec: ComponentSpec, section: str,
     """``spec.params`` with its ``"auto"`` sizes resolved by its class, validated."""
     entry = registry.get(kind, spec.name)
     try:
-        params = entry.cls.wire(dict(spec.params), sizes)
+        with registry.building():  # a nested spec is looked up in the same registry
+            params = entry.cls.wire(dict(spec.params), sizes)
         spec.params = entry.params_model.model_validate(params).model_dump(mode="json")
     except ValidationError as err:
         raise _Stop(format_validation_error(err, f"{section}.params")) from None

@@ -178,12 +178,18 @@ def condition_sheet(pipe: Any, rows: int = 8, per_row: int = 4, seed: int = 0,
     return sheet.flatten(0, 1)  # (R * (per_row + 2), 3, H, W)
 
 
+def _registry_of(pipe: Any) -> Any:
+    """The registry ``pipe`` was assembled from (the default one for a hand-made pipe)."""
+    from vqgen.core.registry import default_registry
+
+    return getattr(pipe, "registry", None) or default_registry()
+
+
 def _held_out_batch(pipe: Any, n: int) -> dict[str, torch.Tensor]:
     """The first ``n`` items of the run config's held-out split, stacked per key."""
-    from vqgen.core.registry import default_registry
     from vqgen.training.engine import held_out_dataset
 
-    held = held_out_dataset(pipe.config, default_registry(), n=n)
+    held = held_out_dataset(pipe.config, _registry_of(pipe), n=n)
     if held is None or len(held) == 0:
         raise VqgenError(
             f"the run's data set {pipe.config.data.name!r} has no held-out split to draw "
@@ -241,12 +247,11 @@ def evaluate_run(
     ``n`` held-out images for the tokenizer, ``per_class`` samples per class for
     the class accuracy, ``fid_samples`` > 0 to try FID / IS.
     """
-    from vqgen.core.registry import default_registry
     from vqgen.training.engine import held_out_dataset
 
     run = Path(run_dir)
     config = pipe.config  # type: ignore[attr-defined]
-    reg = default_registry()
+    reg = _registry_of(pipe)
     held = held_out_dataset(config, reg, n)
     if held is None:
         raise VqgenError(
@@ -350,14 +355,13 @@ def demo_report(pipe: Any, run_dir: str | os.PathLike[str], *, train_s: float,
 
     from vqgen.core.images import save_image_grid
     from vqgen.core.io import atomic_write_text
-    from vqgen.core.registry import default_registry
     from vqgen.plugins.judges import accuracy, load_classifier, save_classifier
     from vqgen.training.judges import train_classifier
 
     run = Path(run_dir)
     t0 = started
     cfg = pipe.config  # type: ignore[attr-defined]
-    reg = default_registry()
+    reg = _registry_of(pipe)
     t1 = time.time()
     if not (run / CLASSIFIER_FILE).is_file():
         data = reg.create("dataset", cfg.data.name, cfg.data.params)

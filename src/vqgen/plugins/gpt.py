@@ -220,37 +220,8 @@ class GPT(Prior):
 
     Params = GPTParams
 
-    def __init__(
-        self,
-        vocab_size: int | Auto = AUTO,
-        cond_vocab_size: int | Auto = AUTO,
-        block_size: int | Auto = AUTO,
-        n_layer: int = 12,
-        n_head: int = 8,
-        n_embd: int = 256,
-        embd_pdrop: float = 0.0,
-        resid_pdrop: float = 0.0,
-        attn_pdrop: float = 0.0,
-        attention: Literal["auto", "xformers", "sdpa", "math"] = "auto",
-        start_token: int | Literal["learned"] = "learned",
-        tok_emb_init: Literal["normal", "code_vectors"] = "normal",
-        cond_fusion: Literal["prefix", "add", "both"] = "prefix",
-    ) -> None:
-        super().__init__(
-            vocab_size=vocab_size,
-            cond_vocab_size=cond_vocab_size,
-            block_size=block_size,
-            n_layer=n_layer,
-            n_head=n_head,
-            n_embd=n_embd,
-            embd_pdrop=embd_pdrop,
-            resid_pdrop=resid_pdrop,
-            attn_pdrop=attn_pdrop,
-            attention=attention,
-            start_token=start_token,
-            tok_emb_init=tok_emb_init,
-            cond_fusion=cond_fusion,
-        )
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)
         require_wired(self, ("vocab_size", "block_size"), alone={"cond_vocab_size": 0})
         p = self.params
         assert isinstance(p, GPTParams)

@@ -263,39 +263,8 @@ class PixelSNAIL(Prior):
                 "tokenizer the image tokenizer's f (leave its ch_mult out)")
         return out
 
-    def __init__(
-        self,
-        height: int | Auto = AUTO,
-        width: int | Auto = AUTO,
-        vocab_size: int | Auto = AUTO,
-        cond_vocab_size: int | Auto = AUTO,
-        cond_spatial: bool | Auto = AUTO,
-        channels: int = 128,
-        n_blocks: int = 2,
-        n_res_blocks: int = 2,
-        n_cond_res_blocks: int = 2,
-        kernel_size: int = 3,
-        use_attention: bool = True,
-        n_head: int = 4,
-        attention: Literal["auto", "xformers", "sdpa", "math"] = "auto",
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__(
-            height=height,
-            width=width,
-            vocab_size=vocab_size,
-            cond_vocab_size=cond_vocab_size,
-            cond_spatial=cond_spatial,
-            channels=channels,
-            n_blocks=n_blocks,
-            n_res_blocks=n_res_blocks,
-            n_cond_res_blocks=n_cond_res_blocks,
-            kernel_size=kernel_size,
-            use_attention=use_attention,
-            n_head=n_head,
-            attention=attention,
-            dropout=dropout,
-        )
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)
         require_wired(self, ("height", "width", "vocab_size"),
                       alone={"cond_vocab_size": 0, "cond_spatial": False})
         p = self.params

@@ -10,9 +10,9 @@
           - {name: top_p, params: {p: 0.9}}
 
 Each step is a ``{name, params}`` spec naming a registered sampler. The steps
-are built when the chain is constructed, from the process-wide registry
-(:func:`vqgen.core.registry.default_registry`, built-ins and installed plugins),
-so a misspelt name or a bad parameter fails at once and names the step. Only
+are built when the chain is constructed, from the registry that builds the chain
+(:func:`vqgen.core.registry.current_registry`; the process-wide one when the chain is
+made by hand), so a misspelt name or a bad parameter fails at once and names the step. Only
 the steps' ``warp`` is used; drawing is the base :meth:`Sampler.sample`.
 An empty chain warps nothing (it samples ``softmax(logits)``).
 
@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, field_validator
 
 from vqgen.core.interfaces import ParamsModel, Sampler
-from vqgen.core.registry import ComponentError, default_registry
+from vqgen.core.registry import ComponentError, current_registry
 
 __all__ = ["Chain", "SamplerStep"]
 
@@ -70,7 +70,7 @@ class Chain(Sampler):
         for i, step in enumerate(self.params.steps):
             where = f"invalid params for sampler 'chain': params.steps.{i} ({step.name!r})"
             try:
-                sampler = default_registry().create("sampler", step.name, step.params)
+                sampler = current_registry().create("sampler", step.name, step.params)
             except ComponentError as err:
                 raise ComponentError(f"{where}: {err}") from None
             if isinstance(sampler, Chain):  # a chain registered under another name

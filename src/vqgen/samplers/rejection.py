@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import ParamsModel, Sampler
-from vqgen.core.registry import ComponentError, default_registry
+from vqgen.core.registry import ComponentError, current_registry
 
 __all__ = [
     "DEFAULT_INNER",
@@ -142,7 +142,7 @@ class Rejection(Sampler):
         spec = self.params.inner
         where = f"invalid params for sampler 'rejection': params.inner ({spec.name!r})"
         try:
-            built = default_registry().create("sampler", spec.name, spec.params)
+            built = current_registry().create("sampler", spec.name, spec.params)
         except ComponentError as err:
             raise ComponentError(f"{where}: {err}") from None
         if isinstance(built, Rejection):  # registered under another name

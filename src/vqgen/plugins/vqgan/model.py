@@ -18,6 +18,7 @@ taming checkpoints load and give the same outputs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ from vqgen.core.attention import attention
 from vqgen.plugins.kmeans import codebook_stats, kmeans_plusplus, lloyd
 
 __all__ = [
+    "Arch",
     "AttnBlock",
     "Decoder",
     "Downsample",
@@ -138,6 +140,21 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+@dataclass(frozen=True)
+class Arch:
+    """The shape :class:`Encoder` and :class:`Decoder` share (taming's ``ddconfig``)."""
+
+    ch: int
+    ch_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_resolutions: tuple[int, ...]
+    resolution: int  # the input size at which attn_resolutions are read
+    z_channels: int
+    dropout: float = 0.0
+    groups: int = 32  # GroupNorm groups
+    attention: str = "auto"
+
+
 class Encoder(nn.Module):
     """``[B, in_channels, H, W] → [B, z_channels, H/f, W/f]`` with f = 2^(len(ch_mult) − 1).
 
@@ -145,41 +162,29 @@ class Encoder(nn.Module):
     sizes) are read; inputs of any size divisible by f work.
     """
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        ch: int,
-        ch_mult: tuple[int, ...],
-        num_res_blocks: int,
-        attn_resolutions: tuple[int, ...],
-        resolution: int,
-        z_channels: int,
-        dropout: float = 0.0,
-        groups: int = 32,
-        attention: str = "auto",
-    ) -> None:
+    def __init__(self, *, in_channels: int, arch: Arch) -> None:
+        ch, ch_mult, groups, dropout = arch.ch, arch.ch_mult, arch.groups, arch.dropout
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         in_mult = (1, *ch_mult)
-        res = resolution
+        res = arch.resolution
         block_in = ch
         for i, mult in enumerate(ch_mult):
             level = _Level()
             block_in, block_out = ch * in_mult[i], ch * mult
-            for _ in range(num_res_blocks):
+            for _ in range(arch.num_res_blocks):
                 level.block.append(ResnetBlock(block_in, block_out, dropout, groups))
                 block_in = block_out
-                if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, groups, attention))
+                if res in arch.attn_resolutions:
+                    level.attn.append(AttnBlock(block_in, groups, arch.attention))
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_in, dropout, groups, attention)
+        self.mid = _Mid(block_in, dropout, groups, arch.attention)
         self.norm_out = group_norm(block_in, groups)
-        self.conv_out = nn.Conv2d(block_in, z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, arch.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
@@ -197,35 +202,23 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """``[B, z_channels, h, w] → [B, out_channels, h·f, w·f]``, the encoder's mirror."""
 
-    def __init__(
-        self,
-        *,
-        out_channels: int,
-        ch: int,
-        ch_mult: tuple[int, ...],
-        num_res_blocks: int,
-        attn_resolutions: tuple[int, ...],
-        resolution: int,
-        z_channels: int,
-        dropout: float = 0.0,
-        groups: int = 32,
-        attention: str = "auto",
-    ) -> None:
+    def __init__(self, *, out_channels: int, arch: Arch) -> None:
+        ch, ch_mult, groups, dropout = arch.ch, arch.ch_mult, arch.groups, arch.dropout
         super().__init__()
         n = len(ch_mult)
         block_in = ch * ch_mult[-1]
-        res = resolution // 2 ** (n - 1)
-        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout, groups, attention)
+        res = arch.resolution // 2 ** (n - 1)
+        self.conv_in = nn.Conv2d(arch.z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, dropout, groups, arch.attention)
         levels: list[_Level] = []
         for i in reversed(range(n)):
             level = _Level()
             block_out = ch * ch_mult[i]
-            for _ in range(num_res_blocks + 1):
+            for _ in range(arch.num_res_blocks + 1):
                 level.block.append(ResnetBlock(block_in, block_out, dropout, groups))
                 block_in = block_out
-                if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, groups, attention))
+                if res in arch.attn_resolutions:
+                    level.attn.append(AttnBlock(block_in, groups, arch.attention))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2

@@ -21,6 +21,7 @@ z_channels: 256, embed_dim: 256, n_embed: 1024``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -29,7 +30,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vqgen.core.interfaces import ParamsModel, Tokenizer
-from vqgen.plugins.vqgan.model import Decoder, Encoder, QuantizerOutput, VectorQuantizer
+from vqgen.plugins.vqgan.model import Arch, Decoder, Encoder, QuantizerOutput, VectorQuantizer
 
 __all__ = ["VQGAN", "VQGANOutput", "VQGANSegmentation"]
 
@@ -45,8 +46,8 @@ class VQGANOutput(NamedTuple):
     restarted: int  # codes initialised or restarted by this forward pass
 
 
-class _ModelParams(ParamsModel):
-    """Architecture and quantizer fields shared by both VQGAN variants."""
+class _NetParams(ParamsModel):
+    """Encoder / decoder fields shared by every VQGAN variant (the Gumbel one too)."""
 
     ch: int = Field(32, ge=1, le=4096, description="base channel count")
     ch_mult: tuple[int, ...] = Field(
@@ -69,6 +70,32 @@ class _ModelParams(ParamsModel):
     attention: Literal["auto", "sdpa", "math", "xformers"] = "auto"
     n_embed: int = Field(512, ge=2, le=1 << 20, description="codebook size (the vocabulary)")
     embed_dim: int = Field(32, ge=1, le=4096, description="latent channels around the quantizer")
+    codebook_weight: float = Field(1.0, ge=0.0, description="weight of the quantizer loss")
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> _NetParams:
+        widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
+        bad = [w for w in widths if w % self.norm_groups]
+        if bad:
+            raise ValueError(
+                f"norm_groups={self.norm_groups} must divide every channel width "
+                f"(ch × ch_mult = {widths}); {bad} are not divisible"
+            )
+        if any(m < 1 for m in self.ch_mult):
+            raise ValueError(f"ch_mult entries must be >= 1, got {self.ch_mult}")
+        return self
+
+    def arch(self) -> Arch:
+        """The shape :class:`Encoder` and :class:`Decoder` share."""
+        return Arch(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
+                    attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
+                    z_channels=self.z_channels, dropout=self.dropout, groups=self.norm_groups,
+                    attention=self.attention)
+
+
+class _ModelParams(_NetParams):
+    """The vector quantizer's fields, shared by ``vqgan`` and ``vqgan_segmentation``."""
+
     codebook_dim: int = Field(
         8, ge=0, description="code-space dimension (projected in/out); 0 = embed_dim, no projection"
     )
@@ -82,39 +109,39 @@ class _ModelParams(ParamsModel):
     legacy_beta: bool = Field(
         False, description="β on the codebook term instead (taming's legacy=True)"
     )
-    codebook_weight: float = Field(1.0, ge=0.0, description="weight of the quantizer loss")
-
-    @model_validator(mode="after")
-    def _check_groups(self) -> _ModelParams:
-        widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
-        bad = [w for w in widths if w % self.norm_groups]
-        if bad:
-            raise ValueError(
-                f"norm_groups={self.norm_groups} must divide every channel width "
-                f"(ch × ch_mult = {widths}); {bad} are not divisible"
-            )
-        if any(m < 1 for m in self.ch_mult):
-            raise ValueError(f"ch_mult entries must be >= 1, got {self.ch_mult}")
-        return self
 
 
-def _build(module: VQGAN | VQGANSegmentation, in_ch: int, out_ch: int) -> None:
-    """Create the encoder, quantizer and decoder of either variant from its params."""
+class _ImageParams(ParamsModel):
+    """The channels and training loss of an image VQGAN (``vqgan``, ``vqgan_gumbel``)."""
+
+    in_channels: int = Field(3, ge=1, le=1024)
+    out_channels: int = Field(0, ge=0, description="0 = same as in_channels")
+    rec_loss: Literal["l1", "l2"] = Field(
+        "l1", description="pixel reconstruction loss: l1 (taming) or l2 (mean squared "
+        "error, which optimises PSNR directly and learns faster on small CPU budgets)"
+    )
+    perceptual_weight: float = Field(1.0, ge=0.0, description="LPIPS weight; 0 = off")
+    pretrained_backbone: bool = Field(
+        True, description="ImageNet VGG16 for LPIPS (downloaded by torchvision); "
+        "false: random backbone, offline"
+    )
+    disc_start: int = Field(2000, ge=0, description="optimizer step the GAN loss starts at")
+    disc_weight: float = Field(0.8, ge=0.0, description="scale of λ; 0 = no discriminator")
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    disc_n_layers: int = Field(3, ge=1, le=16)
+    disc_ch: int = Field(64, ge=1, le=4096, description="discriminator base channels (ndf)")
+
+
+def _build(module: _VQModel, in_ch: int, out_ch: int,
+           quantizer: Callable[[], nn.Module] | None = None) -> None:
+    """Create the encoder, quantizer and decoder of a variant from its params; the
+    quantizer is ``quantizer()`` (default: the vector quantizer of ``_ModelParams``),
+    built between the convolutions, so the random initialisation keeps its order."""
     p = module.params
-    arch = {
-        "ch": p.ch,
-        "ch_mult": tuple(p.ch_mult),
-        "num_res_blocks": p.num_res_blocks,
-        "attn_resolutions": tuple(p.attn_resolutions),
-        "resolution": p.resolution,
-        "z_channels": p.z_channels,
-        "dropout": p.dropout,
-        "groups": p.norm_groups,
-        "attention": p.attention,
-    }
-    module.encoder = Encoder(in_channels=in_ch, **arch)
+    arch = p.arch()
+    module.encoder = Encoder(in_channels=in_ch, arch=arch)
     module.quant_conv = nn.Conv2d(p.z_channels, p.embed_dim, 1)
-    module.quantize = VectorQuantizer(
+    module.quantize = quantizer() if quantizer is not None else VectorQuantizer(
         p.n_embed,
         p.embed_dim,
         codebook_dim=p.codebook_dim,
@@ -126,7 +153,7 @@ def _build(module: VQGAN | VQGANSegmentation, in_ch: int, out_ch: int) -> None:
         restart_after=p.restart_after,
     )
     module.post_quant_conv = nn.Conv2d(p.embed_dim, p.z_channels, 1)
-    module.decoder = Decoder(out_channels=out_ch, **arch)
+    module.decoder = Decoder(out_channels=out_ch, arch=arch)
     module.vocab_size = p.n_embed
     module.downsample = 2 ** (len(p.ch_mult) - 1)
     module.in_channels = in_ch
@@ -203,70 +230,11 @@ class VQGAN(_VQModel):
 
     input_key = "image"
 
-    class Params(_ModelParams):
-        in_channels: int = Field(3, ge=1, le=1024)
-        out_channels: int = Field(0, ge=0, description="0 = same as in_channels")
-        rec_loss: Literal["l1", "l2"] = Field(
-            "l1", description="pixel reconstruction loss: l1 (taming) or l2 (mean squared "
-            "error, which optimises PSNR directly and learns faster on small CPU budgets)"
-        )
-        perceptual_weight: float = Field(1.0, ge=0.0, description="LPIPS weight; 0 = off")
-        pretrained_backbone: bool = Field(
-            True, description="ImageNet VGG16 for LPIPS (downloaded by torchvision); "
-            "false: random backbone, offline"
-        )
-        disc_start: int = Field(2000, ge=0, description="optimizer step the GAN loss starts at")
-        disc_weight: float = Field(0.8, ge=0.0, description="scale of λ; 0 = no discriminator")
-        disc_loss: Literal["hinge", "vanilla"] = "hinge"
-        disc_n_layers: int = Field(3, ge=1, le=16)
-        disc_ch: int = Field(64, ge=1, le=4096, description="discriminator base channels (ndf)")
+    class Params(_ImageParams, _ModelParams):
+        pass
 
-    def __init__(
-        self,
-        ch: int = 32,
-        ch_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        attn_resolutions: tuple[int, ...] = (),
-        resolution: int = 32,
-        z_channels: int = 32,
-        dropout: float = 0.0,
-        norm_groups: int = 8,
-        attention: Literal["auto", "sdpa", "math", "xformers"] = "auto",
-        n_embed: int = 512,
-        embed_dim: int = 32,
-        codebook_dim: int = 8,
-        l2_normalize: bool = True,
-        kmeans_init: bool = True,
-        kmeans_iters: int = 10,
-        restart_after: int = 50,
-        beta: float = 1.0,
-        legacy_beta: bool = False,
-        codebook_weight: float = 1.0,
-        in_channels: int = 3,
-        out_channels: int = 0,
-        rec_loss: Literal["l1", "l2"] = "l1",
-        perceptual_weight: float = 1.0,
-        pretrained_backbone: bool = True,
-        disc_start: int = 2000,
-        disc_weight: float = 0.8,
-        disc_loss: Literal["hinge", "vanilla"] = "hinge",
-        disc_n_layers: int = 3,
-        disc_ch: int = 64,
-    ) -> None:
-        super().__init__(
-            ch=ch, ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions,
-            resolution=resolution, z_channels=z_channels, dropout=dropout,
-            norm_groups=norm_groups, attention=attention, n_embed=n_embed,
-            embed_dim=embed_dim, codebook_dim=codebook_dim, l2_normalize=l2_normalize,
-            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, restart_after=restart_after,
-            beta=beta, legacy_beta=legacy_beta, codebook_weight=codebook_weight,
-            in_channels=in_channels, out_channels=out_channels, rec_loss=rec_loss,
-            perceptual_weight=perceptual_weight, pretrained_backbone=pretrained_backbone,
-            disc_start=disc_start, disc_weight=disc_weight, disc_loss=disc_loss,
-            disc_n_layers=disc_n_layers, disc_ch=disc_ch,
-        )
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)
         p = self.params
         _build(self, p.in_channels, p.out_channels or p.in_channels)
 
@@ -312,40 +280,9 @@ class VQGANSegmentation(_VQModel):
     class Params(_ModelParams):
         n_labels: int = Field(5, ge=2, description="label values, background included")
 
-    def __init__(
-        self,
-        ch: int = 32,
-        ch_mult: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 1,
-        attn_resolutions: tuple[int, ...] = (),
-        resolution: int = 32,
-        z_channels: int = 32,
-        dropout: float = 0.0,
-        norm_groups: int = 8,
-        attention: Literal["auto", "sdpa", "math", "xformers"] = "auto",
-        n_embed: int = 512,
-        embed_dim: int = 32,
-        codebook_dim: int = 8,
-        l2_normalize: bool = True,
-        kmeans_init: bool = True,
-        kmeans_iters: int = 10,
-        restart_after: int = 50,
-        beta: float = 1.0,
-        legacy_beta: bool = False,
-        codebook_weight: float = 1.0,
-        n_labels: int = 5,
-    ) -> None:
-        super().__init__(
-            ch=ch, ch_mult=ch_mult,
-            num_res_blocks=num_res_blocks,
-            attn_resolutions=attn_resolutions,
-            resolution=resolution, z_channels=z_channels, dropout=dropout,
-            norm_groups=norm_groups, attention=attention, n_embed=n_embed,
-            embed_dim=embed_dim, codebook_dim=codebook_dim, l2_normalize=l2_normalize,
-            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, restart_after=restart_after,
-            beta=beta, legacy_beta=legacy_beta, codebook_weight=codebook_weight,
-            n_labels=n_labels,
-        )
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)
+        n_labels = self.params.n_labels
         _build(self, n_labels, n_labels)
         g = torch.Generator().manual_seed(0)
         palette = torch.rand(n_labels, 3, generator=g) * 2 - 1  # (n_labels, 3)
