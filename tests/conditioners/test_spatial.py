@@ -194,6 +194,21 @@ def test_edge_from_image_or_batch() -> None:
         vqgen.create("conditioner", "edge", {"low_threshold": 0.5, "high_threshold": 0.1})
 
 
+@pytest.mark.parametrize("dilate", [1, 2])
+def test_edge_dilate_grows_each_edge_pixel_to_a_square(dilate: int) -> None:
+    name, params = SPATIAL["edge"]
+    cond = vqgen.create("conditioner", name, {**params, "source": "batch", "dilate": dilate})
+    edges = torch.zeros(1, 1, 16, 16)
+    edges[0, 0, 5, 7] = 1.0
+    edges[0, 0, 0, 15] = 1.0  # at the border: the square is cut, nothing wraps
+    want = torch.zeros(1, 1, 16, 16)
+    want[0, 0, 5 - dilate : 6 + dilate, 7 - dilate : 8 + dilate] = 1.0
+    want[0, 0, : 1 + dilate, 15 - dilate :] = 1.0
+    assert torch.equal(cond.condition_input({"edges": edges}), want * 2 - 1)
+    plain = vqgen.create("conditioner", name, {**params, "source": "batch"})
+    assert torch.equal(plain.condition_input({"edges": edges}), edges * 2 - 1)  # default: 0
+
+
 # -- pose -------------------------------------------------------------------------
 def test_pose_rendering() -> None:
     cond = make("pose")

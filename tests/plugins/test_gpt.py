@@ -277,6 +277,31 @@ def test_added_condition_kv_cache_equals_full_forward(backend: str, lc: int | No
     torch.testing.assert_close(m.logits(seq[:, :4], cond), full[:, :4], atol=1e-6, rtol=0)
 
 
+def test_zero_condition_rows_start_the_prior_as_its_unconditional_twin() -> None:
+    normal, zeros = tiny(cond_fusion="add"), tiny(cond_fusion="add", cond_emb_init="zeros")
+    a, b = normal.state_dict(), zeros.state_dict()
+    for k in a:  # the same random draws: only the condition rows differ
+        if k != "tok_emb.weight":
+            assert torch.equal(a[k], b[k]), k
+    rows = zeros.tok_emb.weight
+    assert torch.equal(rows[:V], normal.tok_emb.weight[:V])
+    assert torch.equal(rows[V : V + CV], torch.zeros(CV, rows.shape[1]))
+    assert rows[V : V + CV].requires_grad
+    seq, cond = data(L)
+    assert cond is not None
+    # any condition, or none at all, gives the same logits: the condition path starts at 0
+    torch.testing.assert_close(zeros.logits(seq, cond), zeros.logits(seq, None), atol=0, rtol=0)
+    torch.testing.assert_close(zeros.logits(seq, cond[:, :1]), zeros.logits(seq, None))
+    assert not torch.allclose(normal.logits(seq, cond), normal.logits(seq, None))
+    # ... and it learns: one step moves the condition rows off zero
+    zeros.train()
+    zeros(seq, cond).backward()
+    assert rows.grad is not None and rows.grad[V : V + CV].abs().sum() > 0
+    # without a condition vocabulary there is nothing to zero
+    assert torch.equal(tiny(cond_vocab_size=0, cond_emb_init="zeros").tok_emb.weight[:V],
+                       tiny(cond_vocab_size=0).tok_emb.weight[:V])
+
+
 @pytest.mark.parametrize("fusion", ["add", "both"])
 def test_added_condition_is_the_embedding_of_the_cell_at_each_position(fusion: str) -> None:
     m = tiny(cond_fusion=fusion, block_size=2 * L)

@@ -3,8 +3,12 @@
 ``source: image`` (default) computes edges from ``batch["image"]`` (``[B, 3, H, W]`` in
 ``[-1, 1]``) with the batched torch Canny of :mod:`vqgen.conditioners.canny`;
 ``source: batch`` reads ready-made maps from ``batch["edges"]`` (``[B, 1, H, W]``,
-values in ``[0, 1]``). The map, scaled to ``[-1, 1]``, is encoded by the
-conditioner's own 1-channel VQGAN (default f = 4: 32×32 → an 8×8 grid).
+values in ``[0, 1]``). The map, grown by ``dilate`` pixels on each side and scaled to
+``[-1, 1]``, is encoded by the conditioner's own 1-channel VQGAN (default f = 4:
+32×32 → an 8×8 grid). One-pixel edges on a plain background are so sparse that a small
+codebook trained on them can collapse to "no edge" (measured on the demo data: 17 of 32
+codes used, 12.8 dB, the PSNR of a blank map); ``dilate: 1`` (3-pixel lines) gives the
+cond stage something to reconstruct.
 
 The thresholds are gradient magnitudes of the ``[0, 1]`` grayscale image, per
 pixel (see :mod:`~vqgen.conditioners.canny`); the defaults suit the ``shapes`` data.
@@ -18,6 +22,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from vqgen.conditioners.base import (
@@ -53,6 +58,11 @@ class EdgeConditioner(SpatialConditioner):
             default_factory=lambda: MAP_TOKENIZER.model_copy(deep=True),
             description="the cond stage: a tokenizer of 1-channel maps",
         )
+        dilate: int = Field(
+            0, ge=0, le=7, description="grow edges by this many pixels on each side "
+            "(lines 1 + 2·dilate wide) before tokenizing; sparse 1-pixel maps can collapse "
+            "a small codebook",
+        )
         null_token: bool = Field(True, description="reserve the last id for 'no condition'")
 
         @model_validator(mode="after")
@@ -71,11 +81,13 @@ class EdgeConditioner(SpatialConditioner):
         low_threshold: float = 0.02,
         high_threshold: float = 0.05,
         tokenizer: TokenizerSpec | Mapping[str, Any] = MAP_TOKENIZER,
+        dilate: int = 0,
         null_token: bool = True,
     ) -> None:
         super().__init__(
             source=source, sigma=sigma, low_threshold=low_threshold,
-            high_threshold=high_threshold, tokenizer=tokenizer, null_token=null_token,
+            high_threshold=high_threshold, tokenizer=tokenizer, dilate=dilate,
+            null_token=null_token,
         )
         self.init_tokenizer(self.params.tokenizer, 1, self.params.null_token)
 
@@ -102,5 +114,10 @@ class EdgeConditioner(SpatialConditioner):
         return canny(x.float(), p.sigma, p.low_threshold, p.high_threshold)  # (B, 1, H, W)
 
     def condition_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Edge maps ``[B, 1, H, W]`` scaled to ``[-1, 1]`` (edges at +1)."""
-        return self.edges(batch) * 2 - 1
+        """Edge maps ``[B, 1, H, W]``, grown by ``dilate``, scaled to ``[-1, 1]`` (edges
+        at +1)."""
+        e = self.edges(batch)  # (B, 1, H, W) in [0, 1]
+        d = self.params.dilate
+        if d:
+            e = F.max_pool2d(e, 2 * d + 1, stride=1, padding=d)  # (B, 1, H, W)
+        return e * 2 - 1

@@ -87,6 +87,12 @@ class GPTParams(ParamsModel):
         description="normal: N(0, 0.02) (minGPT); code_vectors: image-code rows from the "
         "tokenizer's code vectors (randomly projected, same scale): alike codes start alike",
     )
+    cond_emb_init: Literal["normal", "zeros"] = Field(
+        "normal",
+        description="condition rows of the embedding table: normal N(0, 0.02) (minGPT), or "
+        "zeros: a conditional prior starts as its unconditional twin and learns to use the "
+        "condition (the zero-initialised condition path of ControlNet and adaLN-Zero)",
+    )
     cond_fusion: Literal["prefix", "add", "both"] = Field(
         "prefix",
         description="prefix: condition tokens lead the sequence (taming); add: the "
@@ -249,6 +255,9 @@ class GPT(Prior):
         self.ln_f = nn.LayerNorm(p.n_embd)
         self.head = nn.Linear(p.n_embd, p.vocab_size, bias=False)
         self.apply(self._init_weights)
+        if p.cond_emb_init == "zeros" and self.cond_vocab_size:  # after the normal draw,
+            with torch.no_grad():  # so the random stream (and the other weights) are kept
+                self.tok_emb.weight[self.vocab_size : self.vocab_size + self.cond_vocab_size] = 0
 
     @classmethod
     def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
