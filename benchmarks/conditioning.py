@@ -31,7 +31,10 @@ Then, for each of the six built-in conditioners (``class``, ``segmentation``,
    when every image gets another image's condition (``mismatched_condition``) — if the
    prior uses its condition, that NLL is higher than with the right one.
 3. **fidelity** — ``Pipeline.generate(n, condition, seed=...)`` with top-k sampling
-   from held-out conditions (the first ``n`` images of the ``val`` split):
+   and classifier-free guidance at scale 2 (``sampling.guidance``; every conditional
+   prior trains with condition dropout 0.1 for it, as the demo does; ``--guidance 1
+   --cond-dropout 0`` turns both off) from held-out conditions (the first ``n`` images
+   of the ``val`` split):
 
    * ``class``: accuracy of the requested class as judged by the shipped classifier
      (``train_classifier(augment=True)`` on real ``shapes`` images, randomly blurred,
@@ -127,6 +130,7 @@ SEED = 0
 GRID = RESOLUTION // 4  # f = 4: 8×8 latents, 64 image tokens
 L_IMAGE = GRID * GRID
 CONDITIONERS = ["class", "segmentation", "depth", "edge", "pose", "lowres"]
+ONLY: list[str] = []  # --conditioners: run these only
 
 #: The image tokenizer: ``_common``'s VQGAN with tokenizer_quality.py's recipe (L2 pixel
 #: loss, beta 0.25; lr 3e-4 with cosine decay, batches of 8), no adversarial phase. Sharper
@@ -157,7 +161,7 @@ CONDITIONER_PARAMS: dict[str, dict[str, Any]] = {
     "class": {"n_classes": 4},
     "segmentation": {"mode": "vqgan", "n_labels": 5},
     "depth": {},
-    "edge": {},
+    "edge": {"dilate": 1},  # 3-pixel lines: 1-pixel maps collapse the 32-code cond stage
     "pose": {"skeleton": "shapes", "channels": 1},
     "lowres": {"factor": 8},
 }
@@ -171,6 +175,13 @@ GPT_PARAMS: dict[str, Any] = {"n_layer": 3, "n_head": 4, "n_embd": 96}  # vocab_
 #: for a class and ``both`` (a prefix, and added cell by cell) for a spatial map; or one
 #: of ``prefix`` / ``add`` / ``both`` for every conditioner (``--fusion``).
 FUSION = {"mode": "auto"}
+#: Classifier-free guidance of every conditional prior: ``scale`` at sampling
+#: (``sampling.guidance``) and the condition dropout it needs in training
+#: (``train.prior.cond_dropout``); ``--guidance`` / ``--cond-dropout`` set them.
+GUIDANCE: dict[str, float] = {"scale": 2.0, "cond_dropout": 0.1}
+#: Guidance scales every conditional prior is also sampled at (``closure_by_guidance``:
+#: a sampling-time setting, so its effect is shown; the pass uses ``GUIDANCE``).
+GUIDANCE_SWEEP = (1.0, 3.0, 4.0)
 
 
 def fusion_of(cond_len: int) -> str:
@@ -221,6 +232,24 @@ NOTES: dict[str, str] = {
               "edge 0.01 / 0.01 | 0.46 / 0.73; pose 0.23 / 0.10 | 0.62 / 0.85; lowres "
               "0.23 / 0.24 | 0.41 / 0.50: a map is followed better with the whole map in "
               "view (both), a class better added alone (add)",
+    "guidance": "demo data, closures without -> with guidance 2 (condition dropout 0.1): "
+                "class 0.59 -> 0.69, segmentation 0.50 -> 0.58, depth 0.85 -> 0.86, edge "
+                "0.12 -> 0.15 (1-pixel edges), pose 0.83 -> 0.83, lowres 0.56 -> 0.55; "
+                "NLL cond (bits/token) pose 2.362 -> 2.293, lowres 2.366 -> 2.322",
+    "edge_dilate": "1-pixel Canny maps collapsed the 32-code edge cond stage (demo data: "
+                   "12.8 dB, a blank map's PSNR, 17-26 of 32 codes used); dilate 1 (3-pixel "
+                   "lines): 18.0 dB, all 32 codes; edge closure 0.15 -> 0.91, NLL 2.412 -> "
+                   "2.101 vs the twin's 2.311 (default data: cond stage 19.0 -> 23.4 dB). "
+                   "The F1 still compares 1-pixel Canny maps",
+    "cond_emb_init": "GPT cond_emb_init zeros (the conditional prior starts as its twin), "
+                     "held-out NLL bits/token: default data, class 4.839 -> 4.753 (twin "
+                     "4.725); demo data, lowres both 2.270 -> 2.305, add 2.269 -> 2.249 (twin "
+                     "2.311): within noise, not the default",
+    "lowres_cond_stage": "default data: the 32-code VQGAN cond stage reconstructs the "
+                         "upsampled 4x4 image at 13.6-17.6 dB after 400-1600 steps (lr 3e-4 "
+                         "to 2e-3, 32/128/256 codes, plain or l2-normalised codes), which "
+                         "caps the samples' low-res PSNR far below the reconstructions' 31 "
+                         "dB; demo data: 33 dB",
 }
 #: The headline fidelity figure of each conditioner (in the summary).
 MAIN_METRIC = {"class": "accuracy", "segmentation": "miou", "depth": "foreground_iou",
@@ -294,6 +323,8 @@ def config(
     }
     if cond is not None:
         spec["conditioner"] = conditioner_spec(cond)
+        spec["sampling"] = {"guidance": GUIDANCE["scale"]}
+        spec["train"]["prior"]["cond_dropout"] = GUIDANCE["cond_dropout"]
     return parse_config(spec)
 
 
@@ -403,6 +434,7 @@ def cond_stage(name: str, scale: float, work: Path) -> tuple[Any, dict[str, Any]
     """The conditioner, its own tokenizer trained (when it has one)."""
     cfg = config(name, scale=scale)
     spec = conditioner_spec(name)
+    torch.manual_seed(SEED)  # its initial weights: not a function of what ran before
     cond = default_registry().create("conditioner", spec["name"], spec["params"])
     if getattr(cond, "tokenizer", None) is None:
         return cond.eval(), None
@@ -671,7 +703,7 @@ def run_setting(setting: str, s: float, pictures: Path) -> dict[str, Any]:
             return twins[vocab]
 
         per: dict[str, Any] = {}
-        for name in CONDITIONERS:
+        for name in ONLY or CONDITIONERS:
             log(f"{name}: cond stage ...")
             cond, cond_info = cond_stage(name, s, work)
             entry: dict[str, Any] = {"conditioner": conditioner_spec(name)["params"]}
@@ -707,6 +739,11 @@ def run_setting(setting: str, s: float, pictures: Path) -> dict[str, Any]:
             if name not in ("edge", "lowres"):  # there the real image is the condition itself
                 entry["fidelity"]["real"] = judges.measure(name, real, held)
             entry["closure"] = closure(name, entry["fidelity"])
+            entry["closure_by_guidance"] = {  # information only: passes use GUIDANCE
+                f"{g:g}": closure(name, {**entry["fidelity"], "samples": judges.measure(
+                    name, pipe.generate(n_eval, condition_of(name, held, n_eval), seed=SEED,
+                                        guidance=g).images, held)})
+                for g in GUIDANCE_SWEEP}
             entry["picture"] = save_pictures(
                 name, pipe, held, pictures / f"conditioning_{setting}_{name}.png")
             per[name] = entry
@@ -729,6 +766,7 @@ def run_setting(setting: str, s: float, pictures: Path) -> dict[str, Any]:
             "conditional_lower": e["conditional_lower"],
             "mismatched_condition_nll_bits": e["mismatched_condition"]["val_nll_bits"],
             "closure": e["closure"],
+            "closure_by_guidance": e["closure_by_guidance"],
             "passes": bool(e["conditional_lower"] and e["closure"] is not None
                            and e["closure"] >= CLOSURE_TARGET),
             MAIN_METRIC[name]: {
@@ -740,13 +778,14 @@ def run_setting(setting: str, s: float, pictures: Path) -> dict[str, Any]:
         }
         for name, e in per.items()
     }
-    cls_acc = per["class"]["fidelity"]["samples"]["accuracy"]
     targets = {
         "conditional_nll_lower_for_all_six": all(e["conditional_lower"] for e in per.values()),
         f"closure_ge_{CLOSURE_TARGET}_for_all_six": all(
             e["closure"] is not None and e["closure"] >= CLOSURE_TARGET for e in per.values()),
-        "class_accuracy_ge_0.9": cls_acc >= TARGET_CLASS_ACCURACY,
     }
+    if "class" in per:
+        targets["class_accuracy_ge_0.9"] = (
+            per["class"]["fidelity"]["samples"]["accuracy"] >= TARGET_CLASS_ACCURACY)
     result["targets"] = targets
     # not a target of the issue: the paired check, free of run-to-run noise
     result["every_prior_uses_its_condition"] = all(
@@ -756,6 +795,7 @@ def run_setting(setting: str, s: float, pictures: Path) -> dict[str, Any]:
         "data": f"shapes {RESOLUTION}x{RESOLUTION} ({setting}: {DATA or 'the defaults'}), "
                 f"{TRAIN_IMAGES} training images; held-out NLL on 512 images of the val split",
         "gpt": GPT_PARAMS, "cond_fusion": FUSION["mode"], "prior_train": PRIOR_TRAIN,
+        "guidance": GUIDANCE,
         "sampler": SAMPLER,
         "eval_samples": n_eval, "seed": SEED,
     }
@@ -771,9 +811,19 @@ def main() -> None:
     ap.add_argument("--fusion", choices=["auto", "add", "both", "prefix"], default="auto",
                     help="how the priors take their condition (GPT cond_fusion); auto: "
                     "add for a class, both for a map")
+    ap.add_argument("--guidance", type=float, default=GUIDANCE["scale"],
+                    help="classifier-free guidance scale of the conditional samples")
+    ap.add_argument("--cond-dropout", type=float, default=GUIDANCE["cond_dropout"],
+                    help="condition dropout of the conditional priors (guidance needs > 0)")
+    ap.add_argument("--conditioners", default="",
+                    help="comma-separated subset of the conditioners (default: all six)")
     args = ap.parse_args()
     setup(args)
     FUSION["mode"] = args.fusion
+    GUIDANCE.update(scale=args.guidance, cond_dropout=args.cond_dropout)
+    ONLY[:] = [c for c in args.conditioners.split(",") if c]
+    if unknown := set(ONLY) - set(CONDITIONERS):
+        ap.error(f"--conditioners: unknown {sorted(unknown)}; choose from {CONDITIONERS}")
     t_all = cpu_clock()
     settings = data_settings()
     names = list(settings) if args.data == "both" else [args.data]
@@ -789,6 +839,7 @@ def main() -> None:
         result["settings"][setting] = run_setting(setting, args.scale, pictures)
     result["closures"] = {  # side by side: setting -> conditioner -> closure, pass
         setting: {name: {"closure": v["closure"], "passes": v["passes"],
+                         "closure_by_guidance": v["closure_by_guidance"],
                          "nll_cond_vs_uncond_bits": [v["cond_nll_bits"], v["uncond_nll_bits"]]}
                   for name, v in r["summary"].items()}
         for setting, r in result["settings"].items()
