@@ -296,7 +296,8 @@ def default_registry(*, reload: bool = False) -> Registry:
 def current_registry() -> Registry:
     """The registry to build nested components from: the one building the component
     under construction, else the default registry."""
-    return _building.get() or default_registry()
+    building = _building.get()
+    return building if building is not None else default_registry()
 
 
 def register(kind: str, name: str) -> Callable[[T], T]:

@@ -182,7 +182,8 @@ def _registry_of(pipe: Any) -> Any:
     """The registry ``pipe`` was assembled from (the default one for a hand-made pipe)."""
     from vqgen.core.registry import default_registry
 
-    return getattr(pipe, "registry", None) or default_registry()
+    registry = getattr(pipe, "registry", None)
+    return registry if registry is not None else default_registry()
 
 
 def _held_out_batch(pipe: Any, n: int) -> dict[str, torch.Tensor]:

@@ -231,7 +231,7 @@ class VQGAN(_VQModel):
     input_key = "image"
 
     class Params(_ImageParams, _ModelParams):
-        pass
+        """Encoder / decoder, vector quantizer, channels and training loss."""
 
     def __init__(self, **fields: Any) -> None:
         super().__init__(**fields)
