@@ -122,12 +122,20 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from vqgen.core.layout import META_FILE
     from vqgen.runs import STAGES, train
 
     stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    train(args.config, run_dir, stages=stages, resume=args.resume, progress=True)
-    done = [s for s in stages if (run_dir / s / "meta.json").is_file()]
+    config: Any = args.config
+    if args.logger:  # added to the config's train.loggers (and so recorded in the run)
+        from vqgen.core.config import load_config
+
+        config = load_config(args.config)
+        config.train.loggers = [*config.train.loggers,
+                                *(n for n in args.logger if n not in config.train.loggers)]
+    train(config, run_dir, stages=stages, resume=args.resume, progress=True)
+    done = [s for s in stages if (run_dir / s / META_FILE).is_file()]
     print(f"trained {', '.join(done) or 'nothing'} into {run_dir}")
     return 0
 
@@ -308,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--run-dir", help="default: runs/<config name>")
     tp.add_argument("--resume", action="store_true", help="continue unfinished stages")
     tp.add_argument("--stages", help="comma-separated subset of: tokenizer,cond,prior")
+    tp.add_argument("--logger", action="append", choices=["jsonl", "tensorboard"],
+                    help="also report to this logger (repeatable; train.loggers in a config); "
+                    "tensorboard writes <run>/tensorboard")
     tp.set_defaults(func=_cmd_train)
 
     sp2 = sub.add_parser("sample", help="draw samples from a trained run")

@@ -31,8 +31,10 @@ from vqgen.core.io import atomic_write_text
 from vqgen.core.layout import (
     CONFIG_FILE,
     LOCK_FILE,
+    META_FILE,
     PIPELINE_FILE,
     STAGES,
+    WEIGHTS_FILE,
     read_pipeline_layout,
     write_pipeline_layout,
 )
@@ -62,7 +64,7 @@ def stage_step(run_dir: Path, stage: str) -> int | None:
     from vqgen.core.checkpoint import checkpoint_dir
 
     d = checkpoint_dir(run_dir / stage)
-    meta = d / "meta.json"
+    meta = d / META_FILE
     if not meta.is_file():
         # history/ and best/ alone are no checkpoint (a first commit killed before its
         # pointer switch leaves only history/), nor are temporary files (.name)
@@ -120,14 +122,14 @@ def _load_cond_tokenizer(run: Path, conditioner: Any, map_location: str = "cpu")
     """Trained weights of the conditioner's own tokenizer, from ``run/cond``."""
     from vqgen.core.checkpoint import load_weights
 
-    load_weights(conditioner.tokenizer, run / "cond" / "weights.safetensors", map_location)
+    load_weights(conditioner.tokenizer, run / "cond" / WEIGHTS_FILE, map_location)
     conditioner.tokenizer.eval()
 
 
 def _stage1(run: Path, config: PipelineConfig, stage: str, stages: tuple[str, ...],
             resume: bool, registry: Registry, progress: bool, conditioner: Any = None) -> None:
     """Train a stage-1 stage unless it is finished or not asked for."""
-    from vqgen.training.engine import train_tokenizer
+    from vqgen.training.stages import train_tokenizer
 
     steps = getattr(config.train, stage).steps
     if stage not in stages or stage_step(run, stage) == steps:
@@ -158,7 +160,8 @@ def train(
     Returns the trained Pipeline, or ``None`` for a config without a prior.
     """
     from vqgen.core.checkpoint import load_component
-    from vqgen.training.engine import barrier, setup_distributed, train_prior
+    from vqgen.training.runtime import barrier, setup_distributed
+    from vqgen.training.stages import train_prior
 
     registry = registry or default_registry()
     if not isinstance(config, PipelineConfig):
@@ -269,7 +272,7 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
     conditioner = _conditioner(config, registry)
     needed = ["tokenizer"] + ["cond"] * _has_cond_stage(conditioner) + ["prior"] * bool(
         config.prior)
-    from vqgen.training.engine import resume_command
+    from vqgen.training.loop import resume_command
 
     resume = f"`{resume_command(run)}`"
     for stage in needed:

@@ -72,7 +72,7 @@ def test_train_tiny_models_and_generate_with_a_condition(case: str) -> None:
         assert out.images.shape == (1, 3, 48, 48) and out.codes.shape == (1, 12, 12)
 
 
-class RecordingPrior(vqgen.Prior):
+class RecordingPrior(vqgen.AutoregressivePrior):
     """Uniform logits; records the condition of every call."""
 
     class Params(vqgen.ParamsModel):
@@ -180,7 +180,7 @@ class AlignedRecordingPrior(RecordingPrior):
 
 @pytest.mark.parametrize("aligned", [False, True])
 def test_aligned_priors_get_the_spatial_condition_in_their_ordering(aligned: bool) -> None:
-    from vqgen.training.engine import _Tokens
+    from vqgen.training.objectives.prior import _Tokens
 
     cond = make("depth")
     prior = (AlignedRecordingPrior if aligned else RecordingPrior)(cond.vocab_size)

@@ -25,7 +25,7 @@ from vqgen.core.checkpoint import load_component
 from vqgen.core.config import parse_config
 from vqgen.evaluation import psnr, ssim
 from vqgen.runs import stage_step
-from vqgen.training import engine as training
+from vqgen.training import loggers
 from vqgen.training.engine import TrainingInterrupted, train_prior, train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -113,15 +113,18 @@ def test_eval_without_classifier_says_how_to_get_one(run: Path, tmp_path: Path) 
 
 
 def _signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
-    """Deliver ``signum`` to this process while the loop checks step ``step``."""
-    original = training.check_finite
+    """Deliver ``signum`` to this process while an objective computes step ``step``."""
+    from vqgen.training.objectives.prior import PriorObjective
+    from vqgen.training.objectives.stage1 import AdversarialObjective, FittedObjective
 
-    def check(s: int, terms: Any) -> None:
-        original(s, terms)
-        if s == step:
-            signal.raise_signal(signum)
+    for cls in (AdversarialObjective, FittedObjective, PriorObjective):
+        def step_then_signal(self: Any, batch: Any, s: int, _step: Any = cls.step) -> Any:
+            out = _step(self, batch, s)
+            if s == step:
+                signal.raise_signal(signum)
+            return out
 
-    monkeypatch.setattr(training, "check_finite", check)
+        monkeypatch.setattr(cls, "step", step_then_signal)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -151,8 +154,8 @@ def test_prior_signal_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         _signal_at(m, 1, signal.SIGTERM)
         with pytest.raises(TrainingInterrupted):
             train_prior(cfg, tok, cond, tmp_path / "b", progress=False)
-    # the flag is read with the step's loss all-reduce, so the next step still runs
-    assert stage_step(tmp_path / "b", "prior") == 3
+    # the flag is read in the step's one collective, after its micro-batches
+    assert stage_step(tmp_path / "b", "prior") == 2
     resumed = train_prior(cfg, tok, cond, tmp_path / "b", progress=False, resume=True).prior
     for k, v in straight.state_dict().items():  # incl. the condition-dropout draws
         assert torch.equal(v, resumed.state_dict()[k]), k
@@ -335,44 +338,36 @@ _DDP_SCRIPT = textwrap.dedent('''
     torch.set_num_threads(1)
     from safetensors.torch import save_file
     import vqgen
-    from vqgen.training import engine as training
-    from vqgen.training.engine import train_prior, train_tokenizer
+    from vqgen.training import train_prior, train_tokenizer
 
-    # Plain SGD instead of Adam: an update linear in the gradient keeps the
-    # reduction-order noise of an all-reduce (~1e-7 relative) at that size, where
-    # Adam turns it into a full step on any near-zero gradient (CPU-dependent).
-    INIT = {}
-
-    def sgd(params, lr, betas, decoupled=False):
-        for group in params:
-            for p in group["params"] if isinstance(group, dict) else [group]:
-                INIT[id(p)] = p.detach().clone()  # the weights before the first update
-        return torch.optim.SGD(params, lr=lr)
-
-    def initial(module):
-        state = module.state_dict(keep_vars=True)
-        return {k: INIT.get(id(v), v).detach().contiguous() for k, v in state.items()}
-
-    training.make_adam = sgd
+    def weights(module):
+        return {k: v.detach().contiguous() for k, v in module.state_dict().items()}
 
     cfg, out = vqgen.load_config(sys.argv[1]), sys.argv[2]
     rank = int(os.environ.get("RANK", "0"))
     tok = train_tokenizer(cfg, progress=False)
     cond = vqgen.create("conditioner", "class", {"n_classes": 4})
     pipe = train_prior(cfg, tok, cond, progress=False, cache_root=out + f"/cache{rank}")
-    save_file({k: v.contiguous() for k, v in tok.state_dict().items()},
-              f"{out}/tok{rank}.safetensors")
-    save_file(initial(tok), f"{out}/tok_init.safetensors")
-    save_file(initial(pipe.prior), f"{out}/prior_init.safetensors")
-    save_file({k: v.contiguous() for k, v in pipe.prior.state_dict().items()},
-              f"{out}/prior{rank}.safetensors")
+    save_file(weights(tok), f"{out}/tok{rank}.safetensors")
+    save_file(weights(pipe.prior), f"{out}/prior{rank}.safetensors")
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # the weights before the first update
+        zero = cfg.model_copy(deep=True)
+        zero.train.tokenizer.steps = zero.train.prior.steps = 0
+        save_file(weights(train_tokenizer(zero, progress=False)), f"{out}/tok_init.safetensors")
+        pipe0 = train_prior(zero, tok, cond, progress=False, cache_root=out + "/cache_init")
+        save_file(weights(pipe0.prior), f"{out}/prior_init.safetensors")
 ''')
+
 
 
 def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
-    common = {"lr": 0.05, "device": "cpu", "log_every": 1, "image_every": 0}
+    # Plain SGD (train.*.optimizer: sgd) instead of Adam: an update linear in the gradient
+    # keeps the reduction-order noise of an all-reduce (~1e-7 relative) at that size, where
+    # Adam turns it into a full step on any near-zero gradient (CPU-dependent).
+    common = {"lr": 0.05, "device": "cpu", "log_every": 1, "image_every": 0,
+              "optimizer": "sgd"}
     per_rank = tiny(tokenizer={**common, "steps": 3, "batch_size": 4},
                     prior={**common, "steps": 3, "batch_size": 4, "cond_dropout": 0.3})
     per_rank["conditioner"]["params"]["null_token"] = True
@@ -629,8 +624,8 @@ def test_a_full_disk_stops_training_with_the_last_checkpoint_whole(
         monkeypatch.setattr(checkpoint.shutil, "disk_usage",
                             lambda p: shutil_usage(0))
     else:
-        monkeypatch.setattr(training, "_append_line", full(
-            training._append_line, OSError(28, "No space left on device")))
+        monkeypatch.setattr(loggers, "_append_line", full(
+            loggers._append_line, OSError(28, "No space left on device")))
     capsys.readouterr()
     assert main(["train", str(cfg), "--run-dir", str(run)]) == 2
     err = _err(capsys)

@@ -40,6 +40,14 @@ from torch import nn
 
 from vqgen.core.errors import VqgenError
 from vqgen.core.io import atomic_path
+from vqgen.core.layout import (
+    BEST_DIR,
+    BEST_FILE,
+    CURRENT,
+    HISTORY_DIR,
+    META_FILE,
+    WEIGHTS_FILE,
+)
 from vqgen.core.registry import Registry, default_registry
 
 __all__ = [
@@ -59,12 +67,6 @@ __all__ = [
     "set_rng_state",
 ]
 
-META_FILE = "meta.json"
-WEIGHTS_FILE = "weights.safetensors"
-STATE_FILE = "train_state.pt"
-HISTORY_DIR = "history"
-BEST_DIR = "best"
-CURRENT = "current"
 
 
 class CheckpointError(VqgenError):
@@ -402,7 +404,7 @@ def keep_checkpoint(
             if old.resolve() != source:  # never the current checkpoint
                 shutil.rmtree(old, ignore_errors=True)
         out["history"] = [p.name for p in snaps[len(snaps) - keep:]] if keep else []
-    best_json = directory / BEST_DIR / "best.json"
+    best_json = directory / BEST_DIR / BEST_FILE
     if keep_best and val_loss is not None:
         best = _read_best(best_json)
         if math.isfinite(val_loss) and (best is None or float(val_loss) < best[1]):

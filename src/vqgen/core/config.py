@@ -105,7 +105,12 @@ class StageTrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1)
     seed: int = 0
     betas: tuple[float, float] | None = Field(
-        None, description="Adam betas; unset: the stage's default (tokenizer: 0.5, 0.9)"
+        None, description="Adam betas; unset: the stage's default (train.tokenizer / "
+        "train.cond: 0.5, 0.9; train.prior: 0.9, 0.95)"
+    )
+    optimizer: Literal["adam", "adamw", "sgd"] | None = Field(
+        None, description="adam, adamw (decoupled weight decay) or sgd (plain); unset: the "
+        "stage's default (tokenizer / cond: adam; prior: adamw)"
     )
     log_every: int = Field(50, ge=1, description="steps between metrics.jsonl records")
     image_every: int = Field(
@@ -141,15 +146,58 @@ class StageTrainConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
-    """Per-stage training settings."""
+#: The stage defaults: what an unset (``None``) field of ``train.<stage>`` means. One
+#: table, filled in when a config is loaded, so ``config validate --resolved`` and the
+#: schema show it (taming's VQGAN: Adam 0.5 / 0.9 at a constant rate; minGPT: AdamW
+#: 0.9 / 0.95 with cosine decay).
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tokenizer": {"betas": (0.5, 0.9), "optimizer": "adam", "lr_schedule": "constant"},
+    "cond": {"betas": (0.5, 0.9), "optimizer": "adam", "lr_schedule": "constant"},
+    "prior": {"betas": (0.9, 0.95), "optimizer": "adamw", "lr_schedule": "cosine"},
+}
 
-    tokenizer: StageTrainConfig = Field(default_factory=StageTrainConfig)
-    cond: StageTrainConfig = Field(
-        default_factory=StageTrainConfig,
+
+def _stage_config(stage: str) -> type[StageTrainConfig]:
+    """A :class:`StageTrainConfig` whose unset fields take ``STAGE_DEFAULTS[stage]``."""
+    defaults = STAGE_DEFAULTS[stage]
+
+    def fill(self: StageTrainConfig) -> StageTrainConfig:
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        return self
+
+    fields: dict[str, Any] = {
+        name: (StageTrainConfig.model_fields[name].annotation,
+               Field(value, description=StageTrainConfig.model_fields[name].description))
+        for name, value in defaults.items()
+    }
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        f"{stage.capitalize()}TrainConfig", __base__=StageTrainConfig,
+        __doc__=f"Training settings of the {stage} stage (defaults: {defaults}).",
+        __validators__={"_fill": model_validator(mode="after")(fill)}, **fields,
+    )
+
+
+TokenizerTrainConfig = _stage_config("tokenizer")
+CondTrainConfig = _stage_config("cond")
+PriorTrainConfig = _stage_config("prior")
+
+
+class TrainConfig(_Strict):
+    """Per-stage training settings, and where training reports."""
+
+    tokenizer: TokenizerTrainConfig = Field(default_factory=TokenizerTrainConfig)  # type: ignore[valid-type]
+    cond: CondTrainConfig = Field(  # type: ignore[valid-type]
+        default_factory=CondTrainConfig,
         description="a spatial conditioner's own tokenizer (the cond stage)",
     )
-    prior: StageTrainConfig = Field(default_factory=StageTrainConfig)
+    prior: PriorTrainConfig = Field(default_factory=PriorTrainConfig)  # type: ignore[valid-type]
+    loggers: list[Literal["jsonl", "tensorboard"]] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="where training reports: jsonl (metrics.jsonl and images/, always on) "
+        "and tensorboard (event files in <run>/tensorboard; the tensorboard extra)",
+    )
 
 
 class SamplingConfig(_Strict):

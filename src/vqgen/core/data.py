@@ -46,6 +46,7 @@ __all__ = [
     "ConditionInputs",
     "DataWarning",
     "check_map_mode",
+    "held_out_dataset",
     "load_depth_map",
     "load_label_map",
     "parse_keypoints",
@@ -244,3 +245,17 @@ def read_condition(key: str, path: str | os.PathLike[str]) -> torch.Tensor:
         raise
     except (ValueError, OSError) as err:
         raise VqgenError(f"condition file {path} cannot be read as {key!r}: {err}") from None
+
+
+def held_out_dataset(config: Any, registry: Any, n: int = 512) -> Any | None:
+    """The held-out part of a config's data (``split: val``, at most ``n`` samples), or
+    None for a data set without splits: what validation, ``best/``, evaluation and the
+    judges use."""
+    entry = registry.get("dataset", config.data.name)
+    fields = entry.params_model.model_fields
+    if "split" not in fields:
+        return None
+    params = {**config.data.params, "split": "val"}
+    if "length" in fields:
+        params["length"] = min(n, int(params.get("length") or n))
+    return registry.create("dataset", config.data.name, params)

@@ -14,7 +14,8 @@ from PIL import Image
 from vqgen.core.errors import VqgenError
 from vqgen.core.io import atomic_path
 
-__all__ = ["load_rgb", "preview_tiles", "save_image_grid", "u8_to_image", "write_preview"]
+__all__ = ["image_grid", "load_rgb", "preview_tiles", "save_image_grid", "u8_to_image",
+           "write_preview"]
 
 
 def u8_to_image(u8: np.ndarray) -> torch.Tensor:
@@ -54,20 +55,11 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         return _to_rgb(im)
 
 
-def save_image_grid(
-    images: torch.Tensor,
-    path: str | os.PathLike[str],
-    nrow: int = 8,
-    padding: int = 2,
-    pad_value: float = 1.0,
-) -> Path:
-    """Write ``images`` ``[N, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3) as one PNG grid.
-
-    ``nrow`` images per row; the grid is ``ncol * (W + padding) + padding`` wide and
-    ``rows * (H + padding) + padding`` high, padded with ``pad_value`` (white by
-    default). The file is written atomically (a temporary file in the same folder,
-    then ``os.replace``). Returns the path.
-    """
+def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2,
+               pad_value: float = 1.0) -> torch.Tensor:
+    """``images`` ``[N, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3) tiled into one uint8 picture
+    ``[C, Hg, Wg]``: ``nrow`` images per row, ``ncol * (W + padding) + padding`` wide and
+    ``rows * (H + padding) + padding`` high, padded with ``pad_value`` (white by default)."""
     x = torch.as_tensor(images).detach().float().cpu()
     if x.ndim == 3:
         x = x[None]
@@ -83,9 +75,23 @@ def save_image_grid(
         r, col = divmod(k, ncol)
         y0, x0 = padding + r * (h + padding), padding + col * (w + padding)
         grid[:, y0 : y0 + h, x0 : x0 + w] = x[k]
-    u8 = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, Hg, Wg)
+    return ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (C, Hg, Wg)
+
+
+def save_image_grid(
+    images: torch.Tensor,
+    path: str | os.PathLike[str],
+    nrow: int = 8,
+    padding: int = 2,
+    pad_value: float = 1.0,
+) -> Path:
+    """Write ``images`` ``[N, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3) as one PNG grid
+    (:func:`image_grid`), atomically (a temporary file in the same folder, then
+    ``os.replace``). Returns the path.
+    """
+    u8 = image_grid(images, nrow, padding, pad_value)  # (C, Hg, Wg)
     arr = u8.permute(1, 2, 0).numpy()  # (Hg, Wg, C)
-    pil = Image.fromarray(arr[..., 0] if c == 1 else arr)
+    pil = Image.fromarray(arr[..., 0] if u8.shape[0] == 1 else arr)
 
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")

@@ -5,6 +5,7 @@
     config.yaml          the resolved config (every default filled in, sizes wired)
     metrics.jsonl        one record per log interval, every stage
     images/              preview grids: <stage>_<step>.png
+    tensorboard/         event files of the tensorboard logger (train.loggers)
     tokenizer/           stage 1 (a checkpointed stage: see vqgen.core.checkpoint)
     cond/                a spatial conditioner's own tokenizer (the paper's cond stage)
     tokens/<key>/        the token cache of the trained tokenizer (and conditioner)
@@ -30,13 +31,21 @@ from pydantic import BaseModel, NonNegativeInt, PositiveInt
 from vqgen.core.io import atomic_write_text
 
 __all__ = [
+    "BEST_DIR",
+    "BEST_FILE",
     "CONFIG_FILE",
+    "CURRENT",
+    "HISTORY_DIR",
     "IMAGES_DIR",
     "LOCK_FILE",
+    "META_FILE",
     "METRICS_FILE",
     "PIPELINE_FILE",
     "STAGES",
+    "STATE_FILE",
+    "TENSORBOARD_DIR",
     "TOKENS_DIR",
+    "WEIGHTS_FILE",
     "PipelineLayout",
     "read_pipeline_layout",
     "write_pipeline_layout",
@@ -46,9 +55,18 @@ STAGES = ("tokenizer", "cond", "prior")  # checkpointed stages, in training orde
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 IMAGES_DIR = "images"
+TENSORBOARD_DIR = "tensorboard"
 TOKENS_DIR = "tokens"
 PIPELINE_FILE = "pipeline.json"
 LOCK_FILE = ".lock"
+# inside a stage directory (vqgen.core.checkpoint) and a token cache folder
+META_FILE = "meta.json"  # a checkpoint's (and a token cache's) description
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "train_state.pt"
+HISTORY_DIR = "history"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+CURRENT = "current"
 
 
 class PipelineLayout(BaseModel):

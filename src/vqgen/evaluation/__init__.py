@@ -188,7 +188,7 @@ def _registry_of(pipe: Any) -> Any:
 
 def _held_out_batch(pipe: Any, n: int) -> dict[str, torch.Tensor]:
     """The first ``n`` items of the run config's held-out split, stacked per key."""
-    from vqgen.training.engine import held_out_dataset
+    from vqgen.core.data import held_out_dataset
 
     held = held_out_dataset(pipe.config, _registry_of(pipe), n=n)
     if held is None or len(held) == 0:
@@ -248,7 +248,7 @@ def evaluate_run(
     ``n`` held-out images for the tokenizer, ``per_class`` samples per class for
     the class accuracy, ``fid_samples`` > 0 to try FID / IS.
     """
-    from vqgen.training.engine import held_out_dataset
+    from vqgen.core.data import held_out_dataset
 
     run = Path(run_dir)
     config = pipe.config  # type: ignore[attr-defined]
@@ -308,9 +308,9 @@ def prior_nll(pipe: Any, run: Path, held: Any, progress: bool = False) -> dict[s
 
     With a conditioner it adds the NLL with mismatched conditions and
     ``cond_gain_bits``, how much the prior uses its condition
-    (:func:`vqgen.training.engine.condition_gain`).
+    (:func:`vqgen.training.objectives.prior.condition_gain`).
     """
-    from vqgen.training.engine import condition_gain, token_nll
+    from vqgen.training.objectives.prior import condition_gain, token_nll
     from vqgen.training.tokens import TokenCache
 
     config = pipe.config

@@ -67,6 +67,7 @@ import torch
 import yaml
 from torch import nn
 
+from vqgen.core.checkpoint import save_component
 from vqgen.core.config import PipelineConfig, TrainConfig, dumps_config, parse_config
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import ParamsModel, cond_stage_tokenizer
@@ -75,11 +76,6 @@ from vqgen.core.layout import CONFIG_FILE, STAGES, write_pipeline_layout
 from vqgen.core.registry import Registry, default_registry
 from vqgen.plugins.vqgan.gumbel import GumbelQuantizer, VQGANGumbel
 from vqgen.plugins.vqgan.tokenizer import VQGAN
-
-try:  # the checkpoint helpers live in vqgen.core.checkpoint (formerly core.training)
-    from vqgen.core.checkpoint import save_component
-except ImportError:  # pragma: no cover
-    from vqgen.training.engine import save_component  # type: ignore[no-redef]
 
 __all__ = [
     "TAMING_ORDERINGS",

@@ -60,11 +60,11 @@ import torch
 from PIL import Image
 from pydantic import Field, ValidationError
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from vqgen.core.errors import VqgenError
 from vqgen.core.images import u8_to_image
 from vqgen.core.interfaces import Component, ParamsModel
+from vqgen.core.progress import track
 from vqgen.core.registry import format_validation_error
 
 __all__ = ["CLASSES", "KEYPOINT_NAMES", "SKELETON", "ShapesDataset", "write_shapes"]
@@ -400,7 +400,7 @@ class ShapesDataset(Component, Dataset):
         for d in [*dirs.values(), *(out / "images" / c for c in CLASSES)]:
             d.mkdir(parents=True, exist_ok=True)
         width = max(6, len(str(n - 1)))
-        for i in tqdm(range(n), desc=f"shapes → {out}", unit="img", disable=not progress):
+        for i in track(range(n), n, desc=f"shapes → {out}", enabled=progress, unit="img"):
             raw = ds.generate(i)
             stem = f"{i:0{width}d}"
             Image.fromarray(raw.image).save(out / "images" / CLASSES[raw.label] / f"{stem}.png")

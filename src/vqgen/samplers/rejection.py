@@ -39,10 +39,10 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from pydantic import ConfigDict, Field, field_validator
 from torch import nn
-from tqdm import tqdm
 
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import ParamsModel, Sampler
+from vqgen.core.progress import progress_bar
 from vqgen.core.registry import ComponentError, current_registry
 
 __all__ = [
@@ -316,7 +316,7 @@ def rejection_sample(
 
     kept: dict[str, torch.Tensor] = {}
     with_codes: bool | None = None
-    bar = tqdm(total=m, desc="rejection", unit="sample", disable=not progress)
+    bar = progress_bar(m, desc="rejection", unit="sample", enabled=progress)
     for start in range(0, m, bs):
         idx = source[start : start + bs]  # (b,)
         out = draw(idx)

@@ -1,4 +1,6 @@
-"""Training: the stage loops (:mod:`vqgen.training.engine`) and what they share.
+"""Training: one loop (:mod:`vqgen.training.loop`), objectives that only compute
+(:mod:`vqgen.training.objective`, :mod:`vqgen.training.objectives`), a runtime, a
+checkpointer and loggers; :mod:`vqgen.training.stages` trains a stage of a config.
 
 A floor above the components: it trains any tokenizer, conditioner and prior through
 their interfaces, and is used by :mod:`vqgen.runs` (the run directory) and the CLI.

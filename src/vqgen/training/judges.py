@@ -4,8 +4,9 @@ A classifier judges class-conditional samples (and scores candidates for rejecti
 sampling); a segmentation net measures how well samples follow their map. Both train
 on random batches (with replacement) of a data set, with random horizontal flips,
 AdamW (weight decay 0.01) with a short linear warm-up and cosine decay, and
-cross-entropy; :class:`_Judge` is the objective, :func:`~vqgen.training.engine.run_loop`
-the loop. See :mod:`vqgen.plugins.judges` for the models, files and measured accuracy.
+cross-entropy; :class:`~vqgen.training.objectives.judge.JudgeObjective` is the
+objective, :func:`~vqgen.training.loop.fit` the loop. See :mod:`vqgen.plugins.judges`
+for the models, files and measured accuracy.
 
 From the command line::
 
@@ -17,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqgen.core.config import StageTrainConfig
 from vqgen.core.errors import VqgenError
 from vqgen.plugins.judges import (
     ImageClassifier,
@@ -38,7 +37,9 @@ from vqgen.plugins.judges import (
     predict_segmentation,
     save_classifier,
 )
-from vqgen.training.engine import Objective, StopSignals, run_loop
+from vqgen.training.loop import fit
+from vqgen.training.objectives.judge import JudgeObjective
+from vqgen.training.runtime import DistInfo, Runtime
 
 __all__ = ["main", "train_classifier", "train_segmenter"]
 
@@ -102,55 +103,14 @@ def _resolution(dataset: Any) -> int | None:
     return int(r) if isinstance(r, int) else None
 
 
-class _Judge(Objective):
-    """One AdamW step of a judge on a random batch; the losses kept in ``history``."""
-
-    save_if_idle = False
-
-    def __init__(self, model: nn.Module, batches: _Batches,
-                 loss_fn: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor], *,
-                 steps: int, batch_size: int, lr: float, device: torch.device,
-                 progress: bool, desc: str) -> None:
-        if steps < 1 or batch_size < 1 or lr <= 0:
-            raise VqgenError(
-                f"{desc}: steps and batch_size must be at least 1 and lr > 0, "
-                f"got steps={steps}, batch_size={batch_size}, lr={lr}"
-            )
-        self.stage, self.desc, self.progress, self.ckpt_dir = "judge", desc, progress, None
-        self.cfg = StageTrainConfig(steps=steps, batch_size=batch_size, log_every=steps,
-                                    image_every=0)
-        self.model, self.batches, self.loss_fn, self.device = model, batches, loss_fn, device
-        model.to(device).train()
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        warmup = max(1, steps // 20)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt,
-            lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))),
-        )
-        self.history: list[float] = []
-
-    def step(self, step: int, stop: StopSignals) -> tuple[dict[str, str], bool]:
-        batch = tuple(t.to(self.device) for t in self.batches.next(self.cfg.batch_size))
-        loss = self.loss_fn(self.model(batch[0]), batch)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
-        self.history.append(loss.item())
-        return {"loss": f"{self.history[-1]:.4f}"}, stop.requested
-
-    def save(self, done: int) -> None:
-        """Judges are trained in one go and saved by the caller (:func:`save_classifier`)."""
-
-
 def _train_judge(model: nn.Module, batches: _Batches, *, steps: int, batch_size: int,
                  lr: float, device: str | torch.device, progress: bool, desc: str,
                  history: list[float] | None) -> Any:
     """Train ``model`` with per-sample (or per-pixel) cross-entropy; eval mode after."""
-    judge = _Judge(model, batches, lambda logits, b: F.cross_entropy(logits, b[1]),
-                   steps=steps, batch_size=batch_size, lr=lr, device=torch.device(device),
-                   progress=progress, desc=desc)
-    run_loop(judge, 0)
+    device = torch.device(device)
+    judge = JudgeObjective(model, batches, lambda logits, b: F.cross_entropy(logits, b[1]),
+                   steps=steps, batch_size=batch_size, lr=lr, device=device, desc=desc)
+    fit(judge, Runtime(info=DistInfo(), device=device), 0, progress=progress)
     if history is not None:
         history.extend(judge.history)
     return model.eval()

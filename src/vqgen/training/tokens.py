@@ -18,6 +18,8 @@ import torch
 
 from vqgen.core.data import DataWarning, sample_source
 from vqgen.core.errors import SampleError, VqgenError
+from vqgen.core.layout import META_FILE
+from vqgen.core.progress import track
 
 __all__ = ["TokenCache", "state_hash"]
 
@@ -52,7 +54,7 @@ class TokenCache:
         its ``meta.json`` (a file missing, truncated or of another length) is refused."""
         self.path = Path(path)
         try:
-            self.meta = json.loads((self.path / "meta.json").read_text())
+            self.meta = json.loads((self.path / META_FILE).read_text())
             self.codes = np.load(self.path / "codes.npy", mmap_mode="r")  # (N, h, w)
             cond = self.path / "cond.npy"
             self.cond = np.load(cond, mmap_mode="r") if cond.exists() else None  # (N, Lc)
@@ -124,11 +126,9 @@ class TokenCache:
         cache is written to a temporary folder and renamed into place, so an
         interrupted build leaves nothing half-written.
         """
-        from tqdm.auto import tqdm
-
         key = cls.key(tokenizer, conditioner, data)
         path = Path(root) / key
-        if (path / "meta.json").exists():
+        if (path / META_FILE).exists():
             try:
                 return cls(path, with_cond=conditioner is not None)
             except VqgenError as exc:  # derived data: encode it again
@@ -145,9 +145,8 @@ class TokenCache:
             device = next(iter(tokenizer.parameters()), torch.zeros(())).device
             with torch.no_grad():
                 i = 0
-                for batch in tqdm(
-                    loader, desc="encoding tokens", unit="batch", disable=not progress
-                ):
+                for batch in track(loader, len(loader), desc="encoding tokens",
+                                   enabled=progress, unit="batch"):
                     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     codes = tokenizer.encode(batch[input_key]).cpu().numpy()  # (B, h, w)
                     try:
@@ -175,7 +174,7 @@ class TokenCache:
             meta = {"key": key, "n": len(dataset), "data": data, "vocab_size": tokenizer.vocab_size,
                     "has_cond": cond_mm is not None,
                     "cond_vocab_size": conditioner.vocab_size if conditioner else None}
-            (tmp / "meta.json").write_text(json.dumps(meta, default=str, indent=2))
+            (tmp / META_FILE).write_text(json.dumps(meta, default=str, indent=2))
             del codes_mm, cond_mm
             os.replace(tmp, path)
         except BaseException:

@@ -1,0 +1,223 @@
+"""Stage 2: the prior on cached tokens.
+
+The dataset is encoded once by the trained tokenizer (and conditioner) into a
+:class:`~vqgen.training.tokens.TokenCache` (``run_dir/tokens/<key>/``); the prior trains
+on those grids, flattened by the ordering. The optimizer and schedule come from
+``train.prior`` (AdamW 0.9 / 0.95, weight decay on Linear and conv weights only, linear
+warm-up then cosine decay to 10 %, gradient clipping), with condition dropout for
+classifier-free guidance and optional ``torch.compile`` on CUDA. The prior's training
+loss is what it says it is (``Prior.nll`` of an autoregressive prior); held-out values
+are computed at checkpoints and at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from vqgen.conditioners.base import drop_condition
+from vqgen.core.config import PipelineConfig
+from vqgen.core.data import held_out_dataset
+from vqgen.core.pipeline import Pipeline, align_condition
+from vqgen.core.registry import Registry
+from vqgen.training.batches import batch_stream
+from vqgen.training.objective import Objective, Optim, StepOutput, lr_at
+from vqgen.training.optim import make_optimizer, optimizer_groups, resolve_lr
+from vqgen.training.runtime import DistInfo, Runtime
+from vqgen.training.tokens import TokenCache
+
+__all__ = ["PriorObjective", "condition_gain", "token_caches", "token_nll"]
+
+LN2 = math.log(2.0)
+
+
+class _Tokens(Dataset):
+    """A token cache as ``{"seq": [L], "cond": [Lc]}`` items in the prior's order (a
+    spatial condition too, where the prior takes it aligned)."""
+
+    def __init__(self, cache: TokenCache, pipe: Pipeline) -> None:
+        self.cache, self.ordering = cache, pipe.ordering  # not the pipe: workers copy this
+        self.align = bool(getattr(pipe.prior, "aligned_condition", False))
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.cache[i]
+        out = {"seq": self.ordering.flatten(item["codes"][None])[0]}  # (L,)
+        if "cond" in item:
+            cond = item["cond"]  # (Lc,)
+            if self.align:
+                cond = align_condition(cond[None], self.ordering, item["codes"].shape)[0]
+            out["cond"] = cond
+        return out
+
+
+class _PriorNLL(nn.Module):
+    """``forward(seq, cond) = prior.nll(seq, cond)``: what DistributedDataParallel wraps."""
+
+    def __init__(self, prior: nn.Module) -> None:
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, seq: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return self.prior.nll(seq, cond)  # type: ignore[operator,no-any-return]
+
+
+def _cond_input(pipe: Pipeline, raw: torch.Tensor | None, dropout: float,
+                gen: torch.Generator | None = None, info: DistInfo | None = None
+                ) -> torch.Tensor | None:
+    """Conditioner ids ``[B, Lc]`` → the prior's ids, with condition dropout applied.
+
+    The dropout draws cover the global batch, so ranks drop what one process would.
+    """
+    if raw is None:
+        return None
+    if dropout > 0:
+        assert pipe.conditioner is not None
+        info = info or DistInfo()
+        raw = drop_condition(pipe.conditioner, raw, dropout, gen, rank=info.rank,
+                             world=info.world)
+    return raw + pipe.cond_offset
+
+
+@torch.no_grad()
+def token_nll(pipe: Pipeline, cache: TokenCache, batch_size: int = 64, *,
+              cond_shift: int = 0) -> dict[str, float]:
+    """Mean NLL of the cached tokens under ``pipe.prior``: nats and bits per token.
+
+    ``cond_shift = s`` pairs sample ``j`` with the condition of sample ``(j + s) mod N``:
+    a mismatched condition, whose NLL minus the matched one measures how much the
+    prior uses its condition (see :func:`condition_gain`).
+    """
+    prior = pipe._require_prior()
+    was = prior.training
+    prior.eval()
+    device = pipe.device
+    total, count = 0.0, 0
+    data = _Tokens(cache, pipe)
+    n = len(data)
+    for i in range(0, n, batch_size):
+        items = [data[j] for j in range(i, min(i + batch_size, n))]
+        seq = torch.stack([it["seq"] for it in items]).to(device)  # (B, L)
+        raw = None
+        if "cond" in items[0]:
+            conds = [data[(i + k + cond_shift) % n]["cond"] if cond_shift else it["cond"]
+                     for k, it in enumerate(items)]
+            raw = torch.stack(conds).to(device)  # (B, Lc)
+        nll = prior.nll(seq, _cond_input(pipe, raw, 0.0))  # (B,)
+        total += float(nll.sum())
+        count += len(items)
+    prior.train(was)
+    nats = total / max(count, 1)
+    return {"nll_nats": nats, "nll_bits": nats / LN2}
+
+
+def condition_gain(pipe: Pipeline, cache: TokenCache, batch_size: int = 64) -> dict[str, float]:
+    """Held-out bits/token with each sample's own condition and with the next sample's.
+
+    ``cond_gain_bits`` = mismatched − matched: near 0 when the prior ignores its
+    condition, positive when the condition carries information it uses. A paired
+    check of one trained model, so free of run-to-run noise.
+    """
+    matched = token_nll(pipe, cache, batch_size)["nll_bits"]
+    other = token_nll(pipe, cache, batch_size, cond_shift=1)["nll_bits"]
+    return {"val_nll_bits": matched, "val_nll_bits_other_cond": other,
+            "cond_gain_bits": other - matched}
+
+
+def token_caches(config: PipelineConfig, registry: Registry, tokenizer: Any, conditioner: Any,
+                  root: Path, batch_size: int, progress: bool,
+                  rt: Runtime) -> tuple[TokenCache, TokenCache | None]:
+    """The training and held-out token caches; rank 0 encodes, the others then open."""
+    dataset = registry.create("dataset", config.data.name, config.data.params)
+    held = held_out_dataset(config, registry)
+    data_key = {"data": config.data.model_dump(mode="json")}
+
+    def build() -> tuple[TokenCache, TokenCache | None]:
+        cache = TokenCache.build(root, dataset, tokenizer, conditioner, data=data_key,
+                                 batch_size=batch_size, progress=progress)
+        held_cache = (
+            TokenCache.build(root, held, tokenizer, conditioner,
+                             data={**data_key, "split": "val", "n": len(held)},
+                             batch_size=batch_size, progress=progress)
+            if held is not None else None
+        )
+        return cache, held_cache
+
+    if rt.main:
+        out = build()
+    rt.barrier()
+    if not rt.main:
+        out = build()
+    return out
+
+
+class PriorObjective(Objective):
+    """The prior on cached tokens: its loss on a micro-batch, with condition dropout."""
+
+    stage = desc = "prior"
+    shown = ("nll",)
+    val_key = "val_nll_nats"
+    global_logs = ("nll",)
+    save_if_idle = False
+
+    def __init__(self, config: PipelineConfig, pipe: Pipeline, cache: TokenCache,
+                 held_cache: TokenCache | None, rt: Runtime) -> None:
+        self.config, self.pipe, self.cache, self.held_cache, self.rt = (
+            config, pipe, cache, held_cache, rt)
+        self.cfg = cfg = config.train.prior
+        self.prior = prior = pipe._require_prior()
+        self.base_lr = resolve_lr(cfg, rt.info.world)
+        self.opt = make_optimizer(cfg, optimizer_groups(prior, cfg.weight_decay), self.base_lr)
+        self.gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+
+    def start(self, start: int) -> None:
+        """After a restored checkpoint: per-rank streams, training mode, DDP, compile."""
+        self.rt.reseed(self.cfg.seed, start)  # per-rank dropout masks
+        self.prior.train()
+        self.model = self.rt.wrap(_PriorNLL(self.prior))
+        if self.cfg.compile and self.rt.cuda:
+            self.model = torch.compile(self.model)  # type: ignore[assignment]
+
+    def batches(self, start: int) -> Iterator[Mapping[str, torch.Tensor]]:
+        cfg, info = self.cfg, self.rt.info
+        return batch_stream(_Tokens(self.cache, self.pipe), cfg.batch_size, seed=cfg.seed,
+                            start=start * cfg.grad_accum, num_workers=cfg.num_workers,
+                            rank=info.rank, world=info.world)
+
+    def optimizers(self) -> list[Optim]:
+        return [Optim(self.opt, list(self.prior.parameters()), clip=self.cfg.grad_clip)]
+
+    def lr(self, step: int) -> float:
+        cfg = self.cfg
+        return lr_at(step, self.base_lr, cfg.warmup_steps, cfg.steps, schedule=cfg.lr_schedule)
+
+    def step(self, batch: Mapping[str, torch.Tensor], step: int) -> StepOutput:
+        seq = self.rt.to_device(batch["seq"])  # (B, L)
+        raw = self.rt.to_device(batch["cond"]) if "cond" in batch else None  # (B, Lc)
+        c = _cond_input(self.pipe, raw, self.cfg.cond_dropout, self.gen, self.rt.info)
+        loss = self.model(seq, c).mean()  # type: ignore[misc]
+        return StepOutput([loss], {"nll": loss.detach()})
+
+    def record(self, logs: Mapping[str, float]) -> dict[str, Any]:
+        return {"nll_nats": logs["nll"]}
+
+    def evaluate(self, done: int) -> dict[str, float]:
+        if self.held_cache is None:
+            return {}
+        return {f"val_{k}": v for k, v in token_nll(self.pipe, self.held_cache).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        if "generator" in state:
+            self.gen.set_state(state["generator"])

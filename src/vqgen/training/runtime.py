@@ -1,0 +1,208 @@
+"""Where a stage runs: device, processes (DDP), mixed precision and seeding, behind a few verbs.
+
+The loop (:mod:`vqgen.training.loop`) and the objectives never touch
+``torch.distributed``, ``torch.autocast`` or a ``GradScaler`` themselves; they ask the
+:class:`Runtime`:
+
+* :meth:`Runtime.wrap` — a module whose gradients are averaged over ranks (DDP), or
+  the module itself for one process;
+* :meth:`Runtime.autocast` / :meth:`Runtime.accumulate` — the context of one
+  micro-batch's forward pass (bf16/fp16 autocast on CUDA; no gradient sync before
+  the last micro-batch);
+* :meth:`Runtime.backward` / :meth:`Runtime.step` / :meth:`Runtime.update` — the
+  (scaled) backward pass and optimizer step, with optional clipping;
+* :meth:`Runtime.agree` — the one collective of a step (a sum over ranks);
+* :meth:`Runtime.reseed` — per-rank random streams for dropout and masks.
+
+Under ``torchrun`` every process trains on its slice of each global batch; with the same
+global batch the result equals one process (see the module docstring of
+:mod:`vqgen.training.engine`). A later backend (FSDP) changes this file only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vqgen.core.errors import VqgenError
+
+__all__ = ["DistInfo", "Runtime", "barrier", "resolve_device", "seed_everything",
+           "setup_distributed", "world_size"]
+
+
+def world_size() -> int:
+    """Processes in the torch.distributed group (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise VqgenError(f"invalid device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VqgenError(f"device {name!r} was requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the torchrun job described by the environment (once), pick this rank's device.
+
+    Without ``WORLD_SIZE`` > 1 in the environment: rank 0 of 1, :func:`resolve_device`.
+    NCCL on CUDA devices, gloo on the CPU; on CUDA, rank ``r`` uses ``cuda:LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return DistInfo(), device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local), device
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if info.world > 1:
+        dist.barrier()
+
+
+class Runtime:
+    """Device, ranks and precision of one stage (see the module docstring).
+
+    ``amp``: ``"bf16"`` / ``"fp16"`` autocast on CUDA (fp16 with a gradient scaler), or
+    ``"none"``; on the CPU always full precision. ``info`` / ``device`` default to
+    joining the torchrun job of the environment on ``device_name``.
+    """
+
+    def __init__(self, device_name: str = "auto", amp: str = "none", *,
+                 info: DistInfo | None = None, device: torch.device | None = None) -> None:
+        if info is None or device is None:
+            info, device = setup_distributed(device_name)
+        self.info, self.device = info, device
+        self.cuda = device.type == "cuda"
+        self.amp = self.cuda and amp != "none"
+        self.amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and amp == "fp16")
+
+    @property
+    def main(self) -> bool:
+        """Whether this process logs and writes checkpoints (rank 0)."""
+        return self.info.main
+
+    # -- set-up -------------------------------------------------------------
+    def reseed(self, seed: int, start: int) -> None:
+        """Give each rank its own global random stream from step ``start`` on (dropout,
+        masks, code restarts differ between ranks); nothing for one process."""
+        if self.info.world > 1:
+            torch.manual_seed(seed * 1_000_003 + self.info.rank + start)
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """``module`` with its gradients averaged over ranks by DDP (as is for one process)."""
+        if self.info.world == 1:
+            return module
+        ids = [self.device.index] if self.cuda else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def to_device(self, value: Any) -> Any:
+        """A tensor moved to this device (anything else as it is)."""
+        return value.to(self.device, non_blocking=True) if isinstance(value, torch.Tensor) \
+            else value
+
+    # -- one micro-batch ------------------------------------------------------
+    def autocast(self) -> Any:
+        """The mixed-precision context of a forward pass."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def accumulate(self, model: nn.Module, last: bool) -> Any:
+        """The context of a micro-batch's forward pass: no gradient sync before the last."""
+        if self.info.world > 1 and not last and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass of ``loss`` (scaled where fp16 needs it)."""
+        self.scaler.scale(loss).backward()
+
+    # -- the update -----------------------------------------------------------
+    def average_grads(self, module: nn.Module) -> None:
+        """Average the gradients of a module that DDP does not wrap over ranks."""
+        if self.info.world == 1:
+            return
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.info.world
+
+    def step(self, opt: torch.optim.Optimizer, clip: float | None = None,
+             params: Iterable[torch.Tensor] | None = None) -> float | None:
+        """One optimizer step; with ``clip``, the gradient norm of ``params`` is clipped to
+        it first (after unscaling) and returned."""
+        norm = None
+        if clip is not None:
+            self.scaler.unscale_(opt)
+            norm = float(nn.utils.clip_grad_norm_(list(params or ()), clip))
+        self.scaler.step(opt)
+        return norm
+
+    def update(self) -> None:
+        """End of the step's updates (the fp16 scaler adjusts its scale)."""
+        self.scaler.update()
+
+    def agree(self, values: Sequence[float]) -> list[float]:
+        """The sum of ``values`` over ranks: the step's one collective (a NaN anywhere
+        reaches every rank); unchanged for one process."""
+        if self.info.world == 1:
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)  # (n,)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def broadcast(self, module: nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers of ``module``."""
+        if self.info.world == 1:
+            return
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(t.data, 0)
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        barrier(self.info)
+
