@@ -10,7 +10,7 @@ from vqgen.plugins.gpt import GPT
 from vqgen.plugins.kmeans import KMeansTokenizer
 from vqgen.plugins.pixelsnail import PixelSNAIL
 from vqgen.plugins.shapes import ShapesDataset
-from vqgen.plugins.vqgan import VQGAN, VQGANGumbel, VQGANSegmentation
+from vqgen.plugins.vqgan import VQGAN, VQGANFSQ, VQGANLFQ, VQGANGumbel, VQGANSegmentation
 
 
 @hookimpl
@@ -21,6 +21,8 @@ def vqgen_register(registry: Any) -> None:
     registry.add("tokenizer", "vqgan", VQGAN)
     registry.add("tokenizer", "vqgan_segmentation", VQGANSegmentation)
     registry.add("tokenizer", "vqgan_gumbel", VQGANGumbel)
+    registry.add("tokenizer", "fsq", VQGANFSQ)
+    registry.add("tokenizer", "lfq", VQGANLFQ)
     registry.add("tokenizer", "kmeans", KMeansTokenizer)
     registry.add("prior", "gpt", GPT)
     registry.add("prior", "pixelsnail", PixelSNAIL)

@@ -20,9 +20,6 @@ import torch
 from torch import nn
 
 from vqgen.core.checkpoint import (
-    META_FILE,
-    STATE_FILE,
-    WEIGHTS_FILE,
     CheckpointError,
     checkpoint_commit,
     checkpoint_dir,
@@ -38,6 +35,7 @@ from vqgen.core.checkpoint import (
     save_tensors,
     set_rng_state,
 )
+from vqgen.core.layout import META_FILE, STATE_FILE, WEIGHTS_FILE
 
 __all__ = ["Checkpointer"]
 

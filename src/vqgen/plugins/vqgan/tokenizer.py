@@ -46,8 +46,8 @@ class VQGANOutput(NamedTuple):
     restarted: int  # codes initialised or restarted by this forward pass
 
 
-class _NetParams(ParamsModel):
-    """Encoder / decoder fields shared by every VQGAN variant (the Gumbel one too)."""
+class _ArchParams(ParamsModel):
+    """Encoder / decoder fields shared by every VQGAN variant (Gumbel, FSQ and LFQ too)."""
 
     ch: int = Field(32, ge=1, le=4096, description="base channel count")
     ch_mult: tuple[int, ...] = Field(
@@ -68,12 +68,9 @@ class _NetParams(ParamsModel):
         8, ge=1, description="GroupNorm groups (taming: 32; small models want few)"
     )
     attention: Literal["auto", "sdpa", "math", "xformers"] = "auto"
-    n_embed: int = Field(512, ge=2, le=1 << 20, description="codebook size (the vocabulary)")
-    embed_dim: int = Field(32, ge=1, le=4096, description="latent channels around the quantizer")
-    codebook_weight: float = Field(1.0, ge=0.0, description="weight of the quantizer loss")
 
     @model_validator(mode="after")
-    def _check_groups(self) -> _NetParams:
+    def _check_groups(self) -> _ArchParams:
         widths = sorted({self.ch} | {self.ch * m for m in self.ch_mult})
         bad = [w for w in widths if w % self.norm_groups]
         if bad:
@@ -91,6 +88,15 @@ class _NetParams(ParamsModel):
                     attn_resolutions=tuple(self.attn_resolutions), resolution=self.resolution,
                     z_channels=self.z_channels, dropout=self.dropout, groups=self.norm_groups,
                     attention=self.attention)
+
+
+class _NetParams(_ArchParams):
+    """The architecture plus a codebook (``n_embed`` codes of ``embed_dim``): the vector
+    and Gumbel quantizers' variants."""
+
+    n_embed: int = Field(512, ge=2, le=1 << 20, description="codebook size (the vocabulary)")
+    embed_dim: int = Field(32, ge=1, le=4096, description="latent channels around the quantizer")
+    codebook_weight: float = Field(1.0, ge=0.0, description="weight of the quantizer loss")
 
 
 class _ModelParams(_NetParams):
@@ -133,14 +139,18 @@ class _ImageParams(ParamsModel):
 
 
 def _build(module: _VQModel, in_ch: int, out_ch: int,
-           quantizer: Callable[[], nn.Module] | None = None) -> None:
+           quantizer: Callable[[], nn.Module] | None = None,
+           embed_dim: int | None = None) -> None:
     """Create the encoder, quantizer and decoder of a variant from its params; the
     quantizer is ``quantizer()`` (default: the vector quantizer of ``_ModelParams``),
-    built between the convolutions, so the random initialisation keeps its order."""
+    built between the convolutions, so the random initialisation keeps its order.
+    ``embed_dim``: the latent channels around the quantizer (default: the params');
+    the vocabulary is the quantizer's ``n_embed``."""
     p = module.params
     arch = p.arch()
+    embed_dim = p.embed_dim if embed_dim is None else embed_dim
     module.encoder = Encoder(in_channels=in_ch, arch=arch)
-    module.quant_conv = nn.Conv2d(p.z_channels, p.embed_dim, 1)
+    module.quant_conv = nn.Conv2d(p.z_channels, embed_dim, 1)
     module.quantize = quantizer() if quantizer is not None else VectorQuantizer(
         p.n_embed,
         p.embed_dim,
@@ -152,11 +162,30 @@ def _build(module: _VQModel, in_ch: int, out_ch: int,
         kmeans_iters=p.kmeans_iters,
         restart_after=p.restart_after,
     )
-    module.post_quant_conv = nn.Conv2d(p.embed_dim, p.z_channels, 1)
+    module.post_quant_conv = nn.Conv2d(embed_dim, p.z_channels, 1)
     module.decoder = Decoder(out_channels=out_ch, arch=arch)
-    module.vocab_size = p.n_embed
+    module.vocab_size = int(module.quantize.n_embed)
     module.downsample = 2 ** (len(p.ch_mult) - 1)
     module.in_channels = in_ch
+
+
+def image_loss(p: _ImageParams, codebook_weight: float) -> nn.Module:
+    """The image VQGANs' training objective (L1/L2 + LPIPS + PatchGAN) from their params,
+    with ``codebook_weight`` on the quantizer's loss."""
+    from vqgen.plugins.vqgan.losses import VQGANLoss
+
+    return VQGANLoss(
+        in_channels=p.out_channels or p.in_channels,
+        codebook_weight=codebook_weight,
+        rec_loss=p.rec_loss,
+        perceptual_weight=p.perceptual_weight,
+        pretrained_backbone=p.pretrained_backbone,
+        disc_start=p.disc_start,
+        disc_weight=p.disc_weight,
+        disc_loss=p.disc_loss,
+        disc_n_layers=p.disc_n_layers,
+        disc_ch=p.disc_ch,
+    )
 
 
 class _VQModel(Tokenizer):
@@ -200,7 +229,8 @@ class _VQModel(Tokenizer):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """``[B, h, w]`` int64 codes → ``[B, out_channels, h·f, w·f]``."""
-        return self.decode_latents(self.quantize.embed_codes(codes))
+        z_q = self.quantize.embed_codes(codes)  # (B, embed_dim, h, w)
+        return self.decode_latents(z_q.to(self.post_quant_conv.weight.dtype))
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         """The tensor the encoder takes, from what the data provides."""
@@ -209,7 +239,7 @@ class _VQModel(Tokenizer):
     @torch.no_grad()
     def code_vectors(self) -> torch.Tensor:
         """``[n_embed, embed_dim]``: the quantized latent each code decodes from."""
-        codes = torch.arange(self.vocab_size, device=self.quantize.embedding.weight.device)
+        codes = torch.arange(self.vocab_size, device=self.post_quant_conv.weight.device)
         z = self.quantize.embed_codes(codes.reshape(1, -1, 1))  # (1, embed_dim, V, 1)
         return z[0, :, :, 0].t().float()  # (V, embed_dim)
 
@@ -240,21 +270,7 @@ class VQGAN(_VQModel):
 
     def build_loss(self) -> nn.Module:
         """The training objective (LPIPS + PatchGAN), from this tokenizer's params."""
-        from vqgen.plugins.vqgan.losses import VQGANLoss
-
-        p = self.params
-        return VQGANLoss(
-            in_channels=p.out_channels or p.in_channels,
-            codebook_weight=p.codebook_weight,
-            rec_loss=p.rec_loss,
-            perceptual_weight=p.perceptual_weight,
-            pretrained_backbone=p.pretrained_backbone,
-            disc_start=p.disc_start,
-            disc_weight=p.disc_weight,
-            disc_loss=p.disc_loss,
-            disc_n_layers=p.disc_n_layers,
-            disc_ch=p.disc_ch,
-        )
+        return image_loss(self.params, self.params.codebook_weight)
 
     def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
         """Images for preview grids: 1 or 3 channels kept, others reduced to 3 / 1."""
