@@ -48,6 +48,7 @@ TINY: dict[tuple[str, str], dict[str, Any]] = {
     ("prior", "gpt"): {"n_layer": 1, "n_head": 2, "n_embd": 16},
     ("prior", "pixelsnail"): {"channels": 8, "n_blocks": 1, "n_res_blocks": 1,
                               "n_cond_res_blocks": 1, "n_head": 2},
+    ("prior", "maskgit"): {"n_layer": 1, "n_head": 2, "n_embd": 16},
     ("conditioner", "class"): {"n_classes": 4},
 }
 

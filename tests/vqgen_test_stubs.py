@@ -32,7 +32,7 @@ class StubTokenizer(vqgen.Tokenizer):
         return up[:, None].expand(-1, 3, -1, -1)  # (B, 3, H, W)
 
 
-class StubPrior(vqgen.Prior):
+class StubPrior(vqgen.AutoregressivePrior):
     """Stand-in prior for config tests: uniform logits."""
 
     class Params(vqgen.ParamsModel):

@@ -93,6 +93,22 @@ def _scratch(tmp: Path) -> None:
         "block_too_small": {"prior": {"name": "gpt", "params": {"block_size": 16}}},
         "resolution_not_multiple": {"data": {"name": "shapes", "params": {"resolution": 34}}},
         "pixelsnail_grid": {"prior": {"name": "pixelsnail", "params": {"height": 16}}},
+        # the successors' stages: their own params, bounded where they enter
+        "fsq_level_one": {"tokenizer": {"name": "fsq", "params": {"levels": [8, 1, 4]}}},
+        "fsq_no_levels": {"tokenizer": {"name": "fsq", "params": {"levels": []}}},
+        "fsq_huge": {"tokenizer": {"name": "fsq", "params": {"levels": [64] * 5}}},
+        "lfq_bits_zero": {"tokenizer": {"name": "lfq", "params": {"codebook_bits": 0}}},
+        "lfq_bits_huge": {"tokenizer": {"name": "lfq", "params": {"codebook_bits": 30}}},
+        "maskgit_zero_steps": {"prior": {"name": "maskgit", "params": {"steps": 0}}},
+        "maskgit_schedule": {"prior": {"name": "maskgit",
+                                       "params": {"mask_schedule": "random"}}},
+        "rope2d_head_size": {"prior": {"name": "gpt", "params": {
+            "n_layer": 1, "n_head": 6, "n_embd": 36, "pos_emb": "rope2d"}}},
+        "rope2d_grid": {"prior": {"name": "gpt", "params": {
+            "n_layer": 1, "n_head": 2, "n_embd": 32, "pos_emb": "rope2d", "height": 4}}},
+        "optimizer_unknown": {"train": {**tiny["train"], "prior": {
+            **tiny["train"]["prior"], "optimizer": "rmsprop"}}},
+        "logger_unknown": {"train": {**tiny["train"], "loggers": ["wandb"]}},
     }.items():
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump({**tiny, **change}))
     os.mkfifo(tmp / "fifo")
@@ -205,6 +221,28 @@ CASES = [
          ["data.params.resolution: 34", "f=4"]),
     Case("pixelsnail_grid_differs", ["config", "validate", "{tmp}/pixelsnail_grid.yaml"],
          ["prior.params.height: 16, but the data's latent grid is 8x8"]),
+    Case("fsq_level_of_one", ["config", "validate", "{tmp}/fsq_level_one.yaml"],
+         ["tokenizer.params.levels", "every level must be >= 2"]),
+    Case("fsq_no_levels", ["config", "validate", "{tmp}/fsq_no_levels.yaml"],
+         ["tokenizer.params.levels"]),
+    Case("fsq_vocabulary_too_large", ["config", "validate", "{tmp}/fsq_huge.yaml"],
+         ["tokenizer.params.levels", "2^20"]),
+    Case("lfq_zero_bits", ["config", "validate", "{tmp}/lfq_bits_zero.yaml"],
+         ["tokenizer.params.codebook_bits"]),
+    Case("lfq_too_many_bits", ["config", "validate", "{tmp}/lfq_bits_huge.yaml"],
+         ["tokenizer.params.codebook_bits"]),
+    Case("maskgit_zero_rounds", ["config", "validate", "{tmp}/maskgit_zero_steps.yaml"],
+         ["prior.params.steps"]),
+    Case("maskgit_unknown_schedule", ["config", "validate", "{tmp}/maskgit_schedule.yaml"],
+         ["prior.params.mask_schedule", "cosine"]),
+    Case("rope2d_head_size_not_divisible_by_4",
+         ["config", "validate", "{tmp}/rope2d_head_size.yaml"], ["rope2d", "n_head"]),
+    Case("rope2d_grid_differs", ["config", "validate", "{tmp}/rope2d_grid.yaml"],
+         ["prior.params.height", "8x8"]),
+    Case("optimizer_unknown", ["config", "validate", "{tmp}/optimizer_unknown.yaml"],
+         ["train.prior.optimizer", "rmsprop"]),
+    Case("logger_unknown", ["config", "validate", "{tmp}/logger_unknown.yaml"],
+         ["train.loggers", "wandb"]),
     Case("train_refuses_before_training", ["train", "{tmp}/kmeans_512.yaml", "--run-dir",
                                            "{run}"], ["prior.params.vocab_size: 512"]),
     # data

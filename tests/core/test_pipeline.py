@@ -14,7 +14,7 @@ from vqgen_test_stubs import StubConditioner, StubTokenizer
 V = 16  # image codes of the stub tokenizer
 
 
-class RecordingPrior(vqgen.Prior):
+class RecordingPrior(vqgen.AutoregressivePrior):
     """Deterministic prior: position ``p`` of a sequence predicts
     ``(sum(seq[:p]) + 3 p + sum(cond)) % V`` with certainty. Records every call."""
 

@@ -1,4 +1,4 @@
-"""The five abstract stages of a two-stage VQ + autoregressive image model.
+"""The five abstract stages of a two-stage VQ image model (a tokenizer, then a prior).
 
 Conventions shared by every interface:
 
@@ -30,11 +30,16 @@ __all__ = [
     "AUTO",
     "Adversarial",
     "Auto",
+    "Autoregressive",
+    "AutoregressivePrior",
     "Component",
     "CondStage",
     "Conditioner",
+    "Decoding",
     "Fitted",
     "InitFromCodeVectors",
+    "Masked",
+    "MaskedPrior",
     "NoParams",
     "Ordering",
     "ParamsModel",
@@ -42,7 +47,10 @@ __all__ = [
     "Sampler",
     "Sizes",
     "Tokenizer",
+    "check_grid",
     "cond_stage_tokenizer",
+    "guide",
+    "prior_family",
     "require_wired",
     "signature_problems",
 ]
@@ -159,6 +167,16 @@ class Component(ABC):  # noqa: B024 (abstract by role; subclasses add the method
                                      "give a number")
                 out[name] = value
         return out
+
+
+def check_grid(params: Mapping[str, Any], sizes: Sizes) -> None:
+    """Raise ValueError where ``params`` gives a ``height`` / ``width`` other than the data's
+    latent grid (in :meth:`Component.wire` of a component that places cells on the grid)."""
+    for name in ("height", "width"):
+        have = getattr(sizes, name)
+        if have is not None and name in params and params[name] != have:
+            raise ValueError(f"{name}: {params[name]}, but the data's latent grid is "
+                             f"{sizes.height}x{sizes.width}; leave it out (auto)")
 
 
 _UNKNOWN = {
@@ -339,27 +357,161 @@ class Ordering(Component):
         return raster.reshape(seq.shape[0], h, w, *seq.shape[2:])
 
 
+@dataclass
+class Decoding:
+    """One request to a prior for ``batch_size`` sequences of ``length`` image codes: what
+    :meth:`Prior.decode` takes. The Pipeline builds it; the prior decodes.
+
+    * ``cond``: ``int64 [b, Lc]`` condition tokens, offset into the prior's range and, where
+      the prior takes a spatial map aligned, in its sequence order; ``None``: unconditional.
+    * ``null``: ``int64 [b, Lc]`` the offset null tokens, for classifier-free guidance:
+      with ``guidance != 1`` every step's logits are ``uncond + guidance · (cond − uncond)``,
+      the two halves computed as one doubled batch, conditional rows first (``guided``).
+    * ``sampler``: warps ``[N, V]`` logits rows and draws one token per row (``pick``);
+      ``None`` draws from the plain softmax.
+    * ``generator``: every random draw of the decoding comes from it (``None``: torch's
+      global RNG).
+    * ``known``: ``int64 [b, length]`` codes fixed in advance, in sequence order, ``-1``
+      where unknown (a completion); they are returned unchanged.
+    """
+
+    batch_size: int
+    length: int
+    sampler: Sampler | None = None
+    cond: torch.Tensor | None = None  # (b, Lc)
+    null: torch.Tensor | None = None  # (b, Lc): guidance's unconditional input
+    guidance: float = 1.0
+    generator: torch.Generator | None = None
+    known: torch.Tensor | None = None  # (b, length), -1 = unknown
+
+    @property
+    def guided(self) -> bool:
+        """Whether each step mixes conditional and unconditional logits (``null`` given
+        and ``guidance != 1``: scale 1 is plain conditional decoding, bit for bit)."""
+        return self.null is not None and self.cond is not None and self.guidance != 1.0
+
+    def doubled_cond(self) -> torch.Tensor | None:
+        """The condition a step runs on: ``[2b, Lc]`` (conditional, then null rows) when
+        guided, else ``cond``."""
+        if not self.guided:
+            return self.cond
+        assert self.cond is not None and self.null is not None
+        return torch.cat([self.cond, self.null])
+
+    def guide(self, logits: torch.Tensor) -> torch.Tensor:
+        """``[2b, ...]`` logits of the doubled batch → ``[b, ...]`` guided ones (float32)."""
+        return guide(logits, self.guidance)
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row of ``[N, V]`` logits → ``int64 [N]``, from ``generator``."""
+        if self.sampler is not None:
+            return self.sampler.sample(logits, generator=self.generator)
+        return _multinomial(logits, self.generator)
+
+
+def guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ``[2b, ...]`` logits (conditional rows, then unconditional)
+    → ``[b, ...]`` float32 ``uncond + scale · (cond − uncond)``."""
+    cond, uncond = logits.float().chunk(2)  # (b, ...) each
+    return uncond + scale * (cond - uncond)
+
+
 class Prior(Component, nn.Module):
-    """``p(s_i | s_<i, c)`` over sequences of image codes.
+    """A distribution over sequences of image codes given a condition: trainable from
+    ``(seq, cond)`` (:meth:`loss`) and able to generate (:meth:`decode`).
 
-    ``seq`` is ``int64 [B, L]`` with values in ``[0, vocab_size)``; ``cond`` is
-    ``int64 [B, Lc]`` condition tokens already offset by the pipeline into the
-    prior's condition range, or ``None`` for an unconditional model.
+    ``seq`` is ``int64 [B, L]`` with values in ``[0, vocab_size)``, the grid flattened by
+    the pipeline's ordering; ``cond`` is ``int64 [B, Lc]`` condition tokens already offset
+    by the pipeline into the prior's condition range, or ``None`` for an unconditional
+    model.
 
-    ``prefix_logits = True`` declares that ``logits(seq[:, :n], cond)`` equals
-    ``logits(seq, cond)[:, :n]`` for any ``n`` (a sequence model that needs no
-    future positions, e.g. a transformer); the sliding window then feeds only the
-    part of the window before the predicted token.
+    Two families implement it; what only one has is a Protocol, checked with
+    ``isinstance``: :class:`Autoregressive` (``p(s_i | s_<i, c)``: exact ``nll``,
+    ``logits``, incremental ``start``/``step``; base class :class:`AutoregressivePrior`)
+    and :class:`Masked` (cells predicted in parallel from a partly masked grid, decoded in
+    ``steps`` rounds; base class :class:`MaskedPrior`).
 
-    ``aligned_condition = True`` declares that a spatial condition (``Lc = L``) is
-    taken cell by cell in the prior's *sequence order* (``cond[:, i]`` belongs to the
-    cell of ``seq[:, i]``), so the pipeline permutes it with the ordering; otherwise
-    spatial condition tokens come in row-major order, as conditioners make them.
+    ``loss_name`` says what :meth:`loss` is: ``"nll"`` (an exact negative log-likelihood,
+    nats per image token) for autoregressive priors, ``"masked_ce"`` (cross-entropy of
+    randomly masked cells: not a likelihood, and never reported as one) for masked priors.
+
+    ``aligned_condition = True`` declares that a spatial condition (``Lc = L``) is taken
+    cell by cell in the prior's *sequence order* (``cond[:, i]`` belongs to the cell of
+    ``seq[:, i]``), so the pipeline permutes it with the ordering; otherwise spatial
+    condition tokens come in row-major order, as conditioners make them.
     """
 
     vocab_size: int
-    prefix_logits: ClassVar[bool] = False
     aligned_condition: bool = False
+    loss_name: ClassVar[str]
+
+    @abstractmethod
+    def loss(self, seq: torch.Tensor, cond: torch.Tensor | None = None, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[B]`` float training loss per sample, nats per image token (what
+        :attr:`loss_name` names). ``generator`` feeds a stochastic loss's draws (the
+        masked prior's masks; ``None``: torch's global RNG); an NLL draws nothing."""
+
+    @abstractmethod
+    def decode(self, request: Decoding) -> torch.Tensor:
+        """Generate ``int64 [b, length]`` codes in sequence order for a :class:`Decoding`
+        request (in eval mode, without gradients; the mode is restored). Known cells are
+        kept; every draw comes from ``request.generator``."""
+
+    def forward(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss: the batch mean of :meth:`loss`."""
+        return self.loss(seq, cond).mean()
+
+
+@runtime_checkable
+class Autoregressive(Protocol):
+    """An autoregressive prior, ``p(s_i | s_<i, c)``: what only this family has.
+
+    ``logits(seq, cond) -> [B, L, V]`` predicts position ``i`` from ``seq[:, :i]``; ``nll``
+    is the exact negative log-likelihood ``[B]`` (nats per image token); ``start``/``step``
+    decode one token at a time with a state (a KV cache), so sampling costs O(L) steps;
+    ``prefix_logits`` declares that ``logits(seq[:, :n], cond)`` equals ``logits(seq,
+    cond)[:, :n]`` (the sliding window then feeds only the window's part before the
+    predicted token). Pipeline.nll and the sliding window need it.
+    """
+
+    prefix_logits: bool
+
+    def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def nll(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def start(self, cond: torch.Tensor | None, batch_size: int) -> Any: ...
+
+    def step(self, state: Any, token: torch.Tensor | None) -> tuple[torch.Tensor, Any]: ...
+
+
+@runtime_checkable
+class Masked(Protocol):
+    """A masked (MaskGIT-style) prior: what only this family has.
+
+    ``masked_logits(seq, cond) -> [B, L, V]`` predicts every cell at once from a grid in
+    which ``-1`` marks masked cells (the rest are visible); ``steps`` is the number of
+    parallel decoding rounds. There is no sequence order and no likelihood.
+    """
+
+    steps: int
+
+    def masked_logits(self, seq: torch.Tensor,
+                      cond: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class AutoregressivePrior(Prior):
+    """Base of autoregressive priors (GPT, PixelSNAIL): ``p(s_i | s_<i, c)``.
+
+    Subclasses implement ``logits``, ``start`` and ``step``; this class derives the exact
+    ``nll``, the training :meth:`loss` (``loss_name = "nll"``), :meth:`generate` (the
+    token-by-token loop) and :meth:`decode` (that loop with guidance and known cells).
+    See :class:`Autoregressive` for ``prefix_logits``.
+    """
+
+    loss_name: ClassVar[str] = "nll"
+    prefix_logits: ClassVar[bool] = False
 
     @abstractmethod
     def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -383,6 +535,11 @@ class Prior(Component, nn.Module):
         nll = nn.functional.cross_entropy(logits.transpose(1, 2), seq, reduction="none")  # (B, L)
         return nll.mean(dim=1)
 
+    def loss(self, seq: torch.Tensor, cond: torch.Tensor | None = None, *,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[B]``: the exact :meth:`nll` (nats per image token); draws nothing."""
+        return self.nll(seq, cond)
+
     @abstractmethod
     def start(self, cond: torch.Tensor | None, batch_size: int) -> Any:
         """A decoding state after the condition (or the start token), ready to step."""
@@ -394,7 +551,6 @@ class Prior(Component, nn.Module):
         Returns the next position's logits ``[B, vocab_size]`` and the new state.
         The logits equal those of ``logits()`` at that position.
         """
-
 
     @torch.no_grad()
     def generate(
@@ -425,6 +581,62 @@ class Prior(Component, nn.Module):
             device = next(self.parameters()).device
             return torch.zeros(b, 0, dtype=torch.long, device=device)
         return torch.stack(out, dim=1)  # (B, length)
+
+    @torch.no_grad()
+    def decode(self, request: Decoding) -> torch.Tensor:
+        """:meth:`generate` with the request's sampler, guidance and known cells: each step
+        guides the doubled batch's logits, then takes the known token of every row that has
+        one (drawing nothing where all rows do) and the sampler's draw elsewhere."""
+        d, b = request, request.batch_size
+        known = d.known  # (b, L) or None
+        every: list[bool] = []
+        some: list[bool] = []
+        if known is not None:  # which positions are known in every row / in some (one sync)
+            given = known >= 0  # (b, L)
+            every, some = torch.stack([given.all(0), given.any(0)]).tolist()
+        position = 0
+
+        def pick(logits: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+            """The next token of each sample: a known one, or the sampler's draw from the
+            (guided) logits; fed twice when guided (both halves of the batch)."""
+            nonlocal position
+            if d.guided:
+                logits = d.guide(logits)  # (b, V)
+            if known is not None and every[position]:
+                token = known[:, position]  # (b,)
+            else:
+                token = d.pick(logits)  # (b,)
+                if known is not None and some[position]:
+                    token = torch.where(known[:, position] >= 0, known[:, position], token)
+            position += 1
+            return torch.cat([token, token]) if d.guided else token  # (b or 2b,)
+
+        seq = self.generate(d.doubled_cond(), d.length, 2 * b if d.guided else b,
+                            sample_fn=pick, generator=d.generator)  # (b or 2b, L)
+        return seq[:b]
+
+
+class MaskedPrior(Prior):
+    """Base of masked priors (MaskGIT): cells predicted in parallel, decoded in ``steps``
+    rounds; see :class:`Masked`. Its :meth:`loss` is the cross-entropy of randomly masked
+    cells (``loss_name = "masked_ce"``), not a likelihood: such a prior has no ``nll``.
+    """
+
+    loss_name: ClassVar[str] = "masked_ce"
+    steps: int
+
+    @abstractmethod
+    def masked_logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """``[B, L, vocab_size]`` float logits of every cell, given ``seq [B, L]`` with
+        ``-1`` at the masked cells."""
+
+
+def prior_family(prior: Any) -> str:
+    """``"autoregressive"``, ``"masked"`` or ``"unknown"``: for messages."""
+    if isinstance(prior, Autoregressive):
+        return "autoregressive"
+    return "masked" if isinstance(prior, Masked) else "unknown"
 
 
 def _multinomial(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -9,11 +9,17 @@ It owns the seams between the stages:
   table.
 * **Order.** The ordering is applied once: the grid is flattened into the prior's
   sequence on the way in and unflattened on the way out.
-* **Canvas.** ``generate`` samples the training grid with the prior's KV cache
-  (O(L) steps). A larger canvas is sampled with a sliding window (Fig. 3 of the
-  paper): each token is predicted by the prior from a training-size window that
-  contains it, clamped at the borders, in row-major order inside the window; a
-  spatial condition is windowed the same way.
+* **Decoding.** ``generate`` turns a request (condition tokens, guidance and null
+  tokens, the sampler, the generator, known cells) into one :class:`Decoding` and the
+  prior decodes it (:meth:`Prior.decode`): an autoregressive prior token by token with
+  its KV cache (O(L) steps), a masked prior in its ``steps`` parallel rounds.
+* **Canvas.** The training grid is decoded whole. A larger canvas is sampled with a
+  sliding window (Fig. 3 of the paper), for autoregressive priors only: each token is
+  predicted by the prior from a training-size window that contains it, clamped at the
+  borders, in row-major order inside the window; a spatial condition is windowed the
+  same way. A masked prior samples the training grid only (a larger canvas is refused).
+* **Families.** ``nll`` (an exact likelihood) needs an autoregressive prior; ``loss`` is
+  the prior's own training loss (``prior.loss_name`` says which) for either family.
 """
 
 from __future__ import annotations
@@ -27,7 +33,19 @@ import torch
 from torch import nn
 
 from vqgen.core.errors import VqgenError
-from vqgen.core.interfaces import Conditioner, NoParams, Ordering, Prior, Sampler, Tokenizer
+from vqgen.core.interfaces import (
+    Autoregressive,
+    Conditioner,
+    Decoding,
+    NoParams,
+    Ordering,
+    Prior,
+    Sampler,
+    Tokenizer,
+    guide,
+    prior_family,
+)
+from vqgen.core.positions import GridPositions
 
 __all__ = ["Generation", "Pipeline", "RowMajor", "align_condition", "assemble",
            "window_origin"]
@@ -103,6 +121,12 @@ class Pipeline(nn.Module):
         self.sampler = sampler
         self.grid = (int(grid[0]), int(grid[1]))
         self.cond_offset = tokenizer.vocab_size if cond_offset is None else int(cond_offset)
+        if isinstance(prior, GridPositions):  # the ordering is applied once, here
+            try:
+                prior.set_cell_order(self.ordering.permutation(*self.grid))
+            except ValueError as exc:
+                raise VqgenError(f"the prior cannot place the {self.grid[0]}x{self.grid[1]} "
+                                 f"grid's cells: {exc}") from None
         if prior is not None and prior.vocab_size != tokenizer.vocab_size:
             raise VqgenError(
                 f"prior.params.vocab_size is {prior.vocab_size} but the tokenizer has "
@@ -189,9 +213,26 @@ class Pipeline(nn.Module):
         return self.ordering.flatten(codes), self.cond_tokens(batch)
 
     def nll(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """``[B]`` negative log-likelihood, nats per image token."""
+        """``[B]`` negative log-likelihood, nats per image token (autoregressive priors:
+        a masked prior has no likelihood; see :meth:`loss`)."""
+        prior = self._require_prior()
+        if not isinstance(prior, Autoregressive):
+            raise VqgenError(
+                f"Pipeline.nll needs an autoregressive prior (an exact likelihood); the "
+                f"{type(prior).__name__} prior is a {prior_family(prior)} prior, and its "
+                f"training loss ({prior.loss_name!r}) is not a likelihood: use "
+                "Pipeline.loss(batch) (prior.loss) for it, and compare such priors by their "
+                "samples"
+            )
         seq, cond = self.tokens(batch)
-        return self._require_prior().nll(seq, cond)
+        return prior.nll(seq, cond)
+
+    def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+        """``[B]`` the prior's training loss (``prior.loss_name``: ``"nll"`` or
+        ``"masked_ce"``), nats per image token; ``generator`` feeds a masked prior's masks."""
+        seq, cond = self.tokens(batch)
+        return self._require_prior().loss(seq, cond, generator=generator)
 
     def _require_prior(self) -> Prior:
         if self.prior is None:
@@ -323,7 +364,8 @@ class Pipeline(nn.Module):
             raise VqgenError(f"prefix has {prefix.shape[0]} grids; expected {n} or 1")
         known = prefix.shape[1] * w
         first = self.ordering.permutation(h, w)[:known]
-        if not torch.equal(torch.sort(first).values, torch.arange(known)):
+        if isinstance(self.prior, Autoregressive) and not torch.equal(
+                torch.sort(first).values, torch.arange(known)):
             raise VqgenError(
                 f"the {type(self.ordering).__name__} ordering does not visit the top "
                 f"{prefix.shape[1]} rows first, so they cannot be completed from; use row_major"
@@ -331,9 +373,18 @@ class Pipeline(nn.Module):
         return prefix.expand(n, -1, -1).to(self.device)
 
     def _sample_codes(self, d: _Draw, h: int, w: int) -> torch.Tensor:
-        """``[b, h, w]`` codes: cached decoding on the training grid, else sliding."""
+        """``[b, h, w]`` codes: the prior decodes the training grid, else sliding."""
         if (h, w) == self.grid:
             return self._sample_cached(d, h, w)
+        if not isinstance(d.prior, Autoregressive):
+            f, (gh, gw) = self.tokenizer.downsample, self.grid
+            raise VqgenError(
+                f"canvas {h}x{w} latents is not the training grid {gh}x{gw}: the "
+                f"{type(d.prior).__name__} prior is a {prior_family(d.prior)} prior and "
+                "samples the training grid only (the sliding window is for autoregressive "
+                f"priors); sample {gh * f}x{gw * f} pixels (leave size out), with a condition "
+                "of that size"
+            )
         if h < self.grid[0] or w < self.grid[1]:
             raise VqgenError(
                 f"canvas {h}x{w} latents is smaller than the training grid "
@@ -349,29 +400,21 @@ class Pipeline(nn.Module):
         return self._sample_sliding(d, h, w)
 
     def _sample_cached(self, d: _Draw, h: int, w: int) -> torch.Tensor:
-        prior, b, cond, sampler, prefix, guidance = (
-            d.prior, d.b, d.cond, d.sampler, d.prefix, d.guidance)
-        known = self.ordering.flatten(prefix) if prefix is not None else None  # (b, r*w)
-        n_known = known.shape[1] if known is not None else 0
-        c = self.cond_tokens(cond)  # (b, Lc) or None
-        guided = guidance != 1.0 and c is not None
-        if guided:
-            c = torch.cat([c, self._null(c)])  # (2b, Lc): conditional, then unconditional
-        position = 0
-
-        def pick(logits: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-            """The next token of each sample: a known prefix token, or the sampler's draw
-            from the (guided) logits; fed twice when guided (both halves of the batch)."""
-            nonlocal position
-            if guided:
-                logits = _guide(logits, guidance)  # (b, V)
-            token = known[:, position] if known is not None and position < n_known else \
-                sampler.sample(logits, generator=g)  # (b,)
-            position += 1
-            return torch.cat([token, token]) if guided else token  # (b or 2b,)
-
-        seq = prior.generate(c, h * w, 2 * b if guided else b, sample_fn=pick, generator=d.gen)
-        return self.ordering.unflatten(seq[:b], h, w)  # (b, h, w)
+        """The training grid, decoded by the prior from one :class:`Decoding` request."""
+        c = self.cond_tokens(d.cond)  # (b, Lc) or None
+        known = None
+        if d.prefix is not None:  # the top rows known, the rest -1, in sequence order
+            grid = torch.full((d.b, h, w), -1, dtype=torch.long, device=d.prefix.device)
+            grid[:, : d.prefix.shape[1]] = d.prefix
+            known = self.ordering.flatten(grid)  # (b, h*w)
+        guided = d.guidance != 1.0 and c is not None
+        request = Decoding(
+            batch_size=d.b, length=h * w, sampler=d.sampler, cond=c,
+            null=self._null(c) if guided and c is not None else None,
+            guidance=d.guidance, generator=d.gen, known=known,
+        )
+        seq = d.prior.decode(request)  # (b, h*w)
+        return self.ordering.unflatten(seq, h, w)  # (b, h, w)
 
     def _null(self, c: torch.Tensor) -> torch.Tensor:
         """Offset null tokens shaped like the offset condition tokens ``c``."""
@@ -380,6 +423,7 @@ class Pipeline(nn.Module):
 
     def _sample_sliding(self, d: _Draw, h: int, w: int) -> torch.Tensor:
         prior, b, cond, prefix, guidance = d.prior, d.b, d.cond, d.prefix, d.guidance
+        assert isinstance(prior, Autoregressive)  # checked by _sample_codes
         wh, ww = self.grid
         codes = torch.zeros(b, h, w, dtype=torch.long, device=self.device)  # (b, h, w)
         n_known = 0
@@ -434,8 +478,7 @@ class _Draw:
 
 def _guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """``[2b, V]`` (conditional rows, then unconditional) → ``[b, V]`` guided logits."""
-    cond, uncond = logits.float().chunk(2)  # (b, V) each
-    return uncond + scale * (cond - uncond)
+    return guide(logits, scale)  # (b, V)
 
 
 def assemble(config: Any, tokenizer: Tokenizer, conditioner: Conditioner | None,

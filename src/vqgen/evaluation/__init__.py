@@ -304,7 +304,8 @@ def evaluate_run(
 
 
 def prior_nll(pipe: Any, run: Path, held: Any, progress: bool = False) -> dict[str, float]:
-    """Held-out NLL of ``pipe``'s prior on ``held`` (tokens cached under ``run/tokens``).
+    """Held-out NLL of ``pipe``'s prior on ``held`` (tokens cached under ``run/tokens``);
+    for a masked prior its masked-token cross-entropy, named so (``val_masked_ce_*``).
 
     With a conditioner it adds the NLL with mismatched conditions and
     ``cond_gain_bits``, how much the prior uses its condition
@@ -321,11 +322,11 @@ def prior_nll(pipe: Any, run: Path, held: Any, progress: bool = False) -> dict[s
             data={"data": config.data.model_dump(mode="json"), "split": "val", "n": len(held)},
             progress=progress,
         )
+    name = pipe.prior.loss_name  # nll, or a masked prior's masked_ce: never called an NLL
     if pipe.conditioner is None:
-        nll = token_nll(pipe, cache)
-        return {"val_nll_nats": nll["nll_nats"], "val_nll_bits": nll["nll_bits"]}
+        return {f"val_{k}": v for k, v in token_nll(pipe, cache).items()}
     gain = condition_gain(pipe, cache)
-    return {"val_nll_nats": gain["val_nll_bits"] * math.log(2), **gain}
+    return {f"val_{name}_nats": gain[f"val_{name}_bits"] * math.log(2), **gain}
 
 
 def _round(d: dict[str, Any]) -> None:

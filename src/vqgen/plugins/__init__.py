@@ -8,6 +8,7 @@ from vqgen.core.hookspecs import hookimpl
 from vqgen.plugins.folder import FolderDataset
 from vqgen.plugins.gpt import GPT
 from vqgen.plugins.kmeans import KMeansTokenizer
+from vqgen.plugins.maskgit import MaskGIT
 from vqgen.plugins.pixelsnail import PixelSNAIL
 from vqgen.plugins.shapes import ShapesDataset
 from vqgen.plugins.vqgan import VQGAN, VQGANFSQ, VQGANLFQ, VQGANGumbel, VQGANSegmentation
@@ -26,3 +27,4 @@ def vqgen_register(registry: Any) -> None:
     registry.add("tokenizer", "kmeans", KMeansTokenizer)
     registry.add("prior", "gpt", GPT)
     registry.add("prior", "pixelsnail", PixelSNAIL)
+    registry.add("prior", "maskgit", MaskGIT)

@@ -41,6 +41,20 @@ position that predicts the token of cell ``(i, j)`` sees the condition token of 
 (the "aligned fusion" of ControlAR-style models). ``"both"`` keeps taming's prefix, so
 every position can attend to the whole map, and adds each cell's condition at the
 position that predicts it too (``block_size = Lc + L - 1``). All use the one table.
+
+Position embeddings (``pos_emb``): ``"learned"`` (taming's) is a table ``[1, block_size,
+n_embd]`` added to the inputs by sequence position. ``"rope2d"`` has no table: queries and
+keys of every layer are rotated by the 2-D cell of their token (2-D RoPE, as LlamaGen does
+for image tokens; :mod:`vqgen.core.positions`), so attention sees offsets on the grid, in
+whatever order the cells are visited. It needs the grid (``height``, ``width``) and the
+order of its cells (:meth:`GPT.set_cell_order`, which the pipeline calls with the
+ordering's permutation; row-major until then). The input position holding image token
+``seq[k]`` sits at the cell of sequence position ``k``. Tokens that describe no cell, the
+start token and a class token, sit at ``(-1, -1)``, one step up and left of the grid's
+corner, where no image token is; a spatial condition's prefix (``Lc = h * w``, row-major,
+or in the sequence order with ``cond_fusion="both"``) sits on the cells it describes, so
+it is aligned with the image without a learned table; any other multi-token prefix lies
+along row ``-1``, ending at ``(-1, -1)``.
 """
 
 from __future__ import annotations
@@ -54,9 +68,18 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vqgen.core.attention import attention
-from vqgen.core.interfaces import AUTO, Auto, ParamsModel, Prior, Sizes, require_wired
+from vqgen.core.interfaces import (
+    AUTO,
+    Auto,
+    AutoregressivePrior,
+    ParamsModel,
+    Sizes,
+    check_grid,
+    require_wired,
+)
+from vqgen.core.positions import apply_rope2d, check_permutation, raster_cells, rope2d_angles
 
-__all__ = ["GPT", "GPTState", "KVCache"]
+__all__ = ["GPT", "GPTState", "KVCache", "init_transformer_weights"]
 
 class GPTParams(ParamsModel):
     """Config of :class:`GPT`; Tab. 8 of the paper gives the sizes it used."""
@@ -99,11 +122,31 @@ class GPTParams(ParamsModel):
         "condition embedding is added at every position (a class) or cell by cell (a map); "
         "both: a prefix, and added cell by cell too",
     )
+    pos_emb: Literal["learned", "rope2d"] = Field(
+        "learned",
+        description="learned: a table added by sequence position (taming); rope2d: queries "
+        "and keys rotated by their token's grid cell (2-D RoPE, LlamaGen); needs the grid",
+    )
+    rope_base: float = Field(
+        10000.0, gt=1.0, le=1e9, description="rope2d: base of the rotary frequencies"
+    )
+    height: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
+        AUTO, description="rows of the latent grid (auto: the data's); rope2d needs it"
+    )
+    width: Annotated[int, Field(ge=1, le=1024)] | Auto = Field(
+        AUTO, description="columns of the latent grid (auto: the data's); rope2d needs it"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GPTParams:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.pos_emb == "rope2d" and (self.n_embd // self.n_head) % 4:
+            raise ValueError(
+                f"pos_emb='rope2d' needs a head size n_embd / n_head = {self.n_embd} / "
+                f"{self.n_head} = {self.n_embd // self.n_head} divisible by 4 (a pair of "
+                "dimensions per frequency, on each of the two axes); change n_embd or n_head"
+            )
         if self.vocab_size == AUTO:
             return self  # checked once assembly has resolved it
         rows = self.vocab_size + (0 if self.cond_vocab_size == AUTO else self.cond_vocab_size)
@@ -123,6 +166,18 @@ def _at_inputs(cells: torch.Tensor | None, n_prefix: int) -> torch.Tensor | None
         return cells
     pad = cells.new_zeros(cells.shape[0], n_prefix - 1, cells.shape[2])  # (B, P - 1, C)
     return torch.cat([pad, cells], dim=1)  # (B, P - 1 + L, C)
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """minGPT's init (``model.apply`` it): N(0, 0.02) Linear / Embedding weights, zero
+    biases, LayerNorm ones / zeros."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
 
 
 class KVCache:
@@ -153,6 +208,15 @@ class KVCache:
         return self.k[:, :, :t1], self.v[:, :, :t1]  # (B, nh, t1, hs)
 
 
+#: ``cos, sin [T, 2, hs // 4]`` of 2-D RoPE (:func:`vqgen.core.positions.rope2d_angles`)
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def _rows(rope: Rope | None, t0: int, t1: int) -> Rope | None:
+    """The rotations of inputs ``t0 .. t1 - 1`` (None stays None)."""
+    return None if rope is None else (rope[0][t0:t1], rope[1][t0:t1])  # (t1 - t0, 2, n) each
+
+
 @dataclass
 class GPTState:
     """Decoding state: one KV cache per layer, and the logits not yet handed out."""
@@ -162,6 +226,8 @@ class GPTState:
     batch_size: int
     added: torch.Tensor | None = None  # (B, 1 or L, C): cond_fusion="add"/"both" embeddings
     offset: int = 0  # input position of image cell 0 (P - 1)
+    cells: torch.Tensor | None = None  # (P + h*w - 1, 2): rope2d (row, col) of every input
+    rope: Rope | None = None  # (P + h*w - 1, 2, hs/4) each: their cos, sin
 
 
 class CausalSelfAttention(nn.Module):
@@ -178,11 +244,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd)
         self.n_head, self.attn_pdrop, self.backend = n_head, attn_pdrop, backend
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                rope: Rope | None = None) -> torch.Tensor:
+        """``x [B, T, C]`` → ``[B, T, C]``; ``rope`` rotates queries and keys (before the
+        keys are cached) by their positions."""
         heads = "b t (nh hs) -> b nh t hs"
         k = rearrange(self.key(x), heads, nh=self.n_head)  # (B, nh, T, hs)
         q = rearrange(self.query(x), heads, nh=self.n_head)  # (B, nh, T, hs)
         v = rearrange(self.value(x), heads, nh=self.n_head)  # (B, nh, T, hs)
+        if rope is not None:
+            q = apply_rope2d(q, *rope)  # (B, nh, T, hs)
+            k = apply_rope2d(k, *rope)  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
         p = self.attn_pdrop if self.training else 0.0
@@ -208,16 +280,19 @@ class Block(nn.Module):
             nn.Dropout(resid_pdrop),
         )
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), cache)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                rope: Rope | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, rope)  # (B, T, C)
         return x + self.mlp(self.ln2(x))  # (B, T, C)
 
 
-class GPT(Prior):
+class GPT(AutoregressivePrior):
     """GPT-2-style transformer prior over image codes, with KV-cache decoding.
 
     See the module docstring for the id layout (image codes, offset condition tokens,
-    start token) and for ``block_size`` (``max(Lc, 1) + L - 1`` transformer positions).
+    start token), for ``block_size`` (``max(Lc, 1) + L - 1`` transformer positions) and
+    for the positions (``pos_emb``: learned, or 2-D RoPE on the grid, whose cell order
+    :meth:`set_cell_order` sets: a :class:`~vqgen.core.positions.GridPositions`).
     ``forward(seq, cond)`` returns the training loss; ``start``/``step`` decode with a KV
     cache; ``generate`` samples whole sequences. Call ``.eval()`` before decoding.
     """
@@ -228,9 +303,12 @@ class GPT(Prior):
 
     def __init__(self, **fields: Any) -> None:
         super().__init__(**fields)
-        require_wired(self, ("vocab_size", "block_size"), alone={"cond_vocab_size": 0})
+        rope = self.params.pos_emb == "rope2d"  # type: ignore[attr-defined]
+        require_wired(self, ("vocab_size", "block_size") + (("height", "width") if rope else ()),
+                      alone={"cond_vocab_size": 0})
         p = self.params
         assert isinstance(p, GPTParams)
+        self.rope = rope
         self.vocab_size = p.vocab_size
         self.cond_vocab_size = p.cond_vocab_size
         self.block_size = p.block_size
@@ -242,7 +320,13 @@ class GPT(Prior):
         self.start_id = rows - 1 if learned else int(p.start_token)
         # input embedding stem
         self.tok_emb = nn.Embedding(rows, p.n_embd)
-        self.pos_emb = nn.Parameter(torch.zeros(1, p.block_size, p.n_embd))
+        if not rope:  # taming's table (the name `pos_emb` is its checkpoint key)
+            self.pos_emb = nn.Parameter(torch.zeros(1, p.block_size, p.n_embd))
+        else:  # no table: the cells of the sequence positions, set by set_cell_order
+            self.register_parameter("pos_emb", None)
+            self.height, self.width = int(p.height), int(p.width)
+            order = torch.arange(self.height * self.width)  # (h*w,): row-major until set
+            self.register_buffer("cell_order", order, persistent=False)
         self.drop = nn.Dropout(p.embd_pdrop)
         # transformer
         self.blocks = nn.Sequential(
@@ -262,13 +346,24 @@ class GPT(Prior):
     @classmethod
     def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
         """Vocabularies from the tokenizer and conditioner; ``block_size`` from the
-        latent grid and the condition's length (an explicit one must be large enough)."""
-        out = super().wire(params, sizes)
+        latent grid and the condition's length (an explicit one must be large enough);
+        ``height``, ``width`` from the latent grid (an explicit one must be the data's;
+        where the grid is unknown, only ``pos_emb="rope2d"`` needs them given)."""
+        grid = ("height", "width")
         if sizes.height is None or sizes.width is None:
+            out = super().wire({k: v for k, v in params.items() if k not in grid}, sizes)
+            out.update({k: params[k] for k in grid if k in params})
             if out["block_size"] == AUTO:
                 raise ValueError("block_size: 'auto' needs the latent grid, which needs the "
                                  "data's resolution (data.params.resolution); give block_size")
+            for name in grid:
+                if out.get("pos_emb") == "rope2d" and out.get(name, AUTO) == AUTO:
+                    raise ValueError(f"{name}: 'auto' needs the latent grid, which needs the "
+                                     "data's resolution (data.params.resolution); "
+                                     "pos_emb: rope2d places tokens on it; give height and width")
             return out
+        out = super().wire(params, sizes)
+        check_grid(out, sizes)
         length = sizes.height * sizes.width
         fusion = out.get("cond_fusion", "prefix")
         if fusion != "prefix" and sizes.cond_spatial and sizes.cond_length != length:
@@ -286,16 +381,7 @@ class GPT(Prior):
                 "positions; leave block_size out (auto) or raise it")
         return out
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        """minGPT's init: N(0, 0.02) weights, zero biases, LayerNorm ones/zeros."""
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+    _init_weights = staticmethod(init_transformer_weights)
 
     @torch.no_grad()
     def init_from_code_vectors(self, vectors: torch.Tensor) -> None:
@@ -317,8 +403,55 @@ class GPT(Prior):
         """Parameter count; without ``tok_emb`` and ``pos_emb`` by default."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.numel()
+            n -= self.tok_emb.weight.numel()
+            n -= self.pos_emb.numel() if self.pos_emb is not None else 0
         return n
+
+    # -- grid positions (pos_emb="rope2d") ----------------------------------
+    def set_cell_order(self, perm: torch.Tensor) -> None:
+        """The cell of each sequence position: ``perm [h * w]``, raster indices (an
+        ordering's ``permutation(h, w)``). Learned positions go by sequence position and
+        take any permutation without using it."""
+        if not self.rope:
+            check_permutation(perm)
+            return
+        perm = check_permutation(perm, self.height * self.width)  # (h*w,)
+        self.cell_order.copy_(perm.to(self.cell_order.device))
+
+    def input_cells(self, lc: int, n_image: int) -> torch.Tensor:
+        """``[P + n_image, 2]`` (row, col) of the transformer inputs ``[prefix..., seq[:,
+        :n_image]]``, with ``P = max(lc, 1)`` prefix tokens (``lc = 0``: the start token).
+
+        Image token ``seq[k]`` sits at the cell of sequence position ``k``; the start or a
+        class token at ``(-1, -1)``; a spatial prefix (``lc = h * w > 1``) on the cells it
+        describes (in the sequence order with ``cond_fusion="both"``, else row-major); any
+        other prefix along row ``-1``, its last token at ``(-1, -1)``.
+        """
+        hw = self.height * self.width
+        if n_image > hw:
+            raise ValueError(f"pos_emb='rope2d' places image tokens on the {self.height}x"
+                             f"{self.width} grid, which has {hw} cells; got {n_image} tokens")
+        order = self.cell_order  # (h*w,)
+        image = raster_cells(order[:n_image], self.width)  # (n_image, 2)
+        if lc == hw and hw > 1:
+            raster = torch.arange(hw, device=order.device)  # (Lc,): as conditioners make it
+            described = order if self.aligned_condition else raster  # (Lc,): cell of token j
+            prefix = raster_cells(described, self.width)  # (Lc, 2)
+        else:
+            cols = torch.arange(-max(lc, 1), 0, device=order.device)  # (P,): ..., -2, -1
+            prefix = torch.stack([torch.full_like(cols, -1), cols], dim=-1)  # (P, 2)
+        return torch.cat([prefix, image])  # (P + n_image, 2)
+
+    def _rope(self, cells: torch.Tensor | None, t: int) -> Rope | None:
+        """``cos, sin`` of the ``t`` inputs at ``cells [T, 2]`` (None: learned positions)."""
+        if not self.rope:
+            return None
+        if cells is None or cells.shape[0] != t:
+            raise ValueError(f"pos_emb='rope2d': hidden() needs the (row, col) of each of its "
+                             f"{t} inputs (cells [T, 2], from input_cells)")
+        p = self.params
+        assert isinstance(p, GPTParams)
+        return rope2d_angles(cells, p.n_embd // p.n_head, p.rope_base)  # (T, 2, hs/4) each
 
     # -- inputs -------------------------------------------------------------
     def _prefix(self, cond: torch.Tensor | None, batch_size: int) -> torch.Tensor:
@@ -333,7 +466,7 @@ class GPT(Prior):
                 raise TypeError(f"cond must be int64 token ids, got {cond.dtype}")
             if self.cond_prefix:
                 return cond
-        device = self.pos_emb.device
+        device = self.tok_emb.weight.device
         return torch.full((batch_size, 1), self.start_id, dtype=torch.long, device=device)
 
     def _added(self, cond: torch.Tensor | None, length: int) -> torch.Tensor | None:
@@ -369,6 +502,11 @@ class GPT(Prior):
                 f"need {'max(Lc, 1) + L - 1' if self.cond_prefix else 'L'} = {n} "
                 f"positions; raise block_size to at least {n}"
             )
+        if self.rope and seq.shape[1] > self.height * self.width:
+            raise ValueError(
+                f"pos_emb='rope2d' places image tokens on the {self.height}x{self.width} grid, "
+                f"which has {self.height * self.width} cells; got {seq.shape[1]} image tokens"
+            )
         lo, hi = self._cond_range()
         bad_seq = ((seq < 0) | (seq >= self.vocab_size)).any()
         bad_cond = ((prefix < lo) | (prefix >= hi)).any() if is_cond else torch.zeros_like(bad_seq)
@@ -384,6 +522,10 @@ class GPT(Prior):
                 f"image codes must lie in [0, {self.vocab_size}), got "
                 f"[{int(seq.min())}, {int(seq.max())}]"
             )
+
+    def _lc(self, prefix: torch.Tensor, cond: torch.Tensor | None) -> int:
+        """How many condition tokens lead the input (0: the start token does)."""
+        return prefix.shape[1] if prefix is cond else 0
 
     def _check_ids(self, seq: torch.Tensor, prefix: torch.Tensor,
                    cond: torch.Tensor | None) -> None:
@@ -405,24 +547,34 @@ class GPT(Prior):
         idx: torch.Tensor,
         caches: list[KVCache] | None = None,
         added: torch.Tensor | None = None,
+        cells: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Transformer features ``[B, T, n_embd]`` (after ``ln_f``) of input ids ``[B, T]``.
 
         With ``caches`` the ids continue the positions already cached. ``added [B, 1 or T,
-        C]`` is added to the input embeddings (``cond_fusion="add"``).
+        C]`` is added to the input embeddings (``cond_fusion="add"``). ``cells [T, 2]``:
+        the grid positions of the inputs (``pos_emb="rope2d"`` only; :meth:`input_cells`).
         """
+        return self._hidden(idx, caches, added, self._rope(cells, idx.shape[1]))
+
+    def _hidden(self, idx: torch.Tensor, caches: list[KVCache] | None,
+                added: torch.Tensor | None, rope: Rope | None) -> torch.Tensor:
+        """:meth:`hidden` with the inputs' rotations ``cos, sin [T, 2, hs/4]`` computed."""
         t0 = caches[0].length if caches else 0
         t = idx.shape[1]
         if t0 + t > self.block_size:
             raise ValueError(
                 f"GPT block_size={self.block_size} exhausted: {t0 + t} positions requested"
             )
-        x = self.tok_emb(idx) + self.pos_emb[:, t0 : t0 + t]  # (B, T, C)
+        if self.pos_emb is not None:
+            x = self.tok_emb(idx) + self.pos_emb[:, t0 : t0 + t]  # (B, T, C)
+        else:
+            x = self.tok_emb(idx)  # (B, T, C): positions enter as rotations
         if added is not None:
             x = x + added  # (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None)  # (B, T, C)
+            x = block(x, caches[i] if caches else None, rope)  # (B, T, C)
         return self.ln_f(x)  # (B, T, C)
 
     def logits(self, seq: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -437,7 +589,8 @@ class GPT(Prior):
             return seq.new_zeros(b, 0, self.vocab_size, dtype=self.head.weight.dtype)
         idx = torch.cat([prefix, seq[:, :-1]], dim=1)  # (B, P + L - 1)
         added = _at_inputs(self._added(cond, n), prefix.shape[1])  # (B, P + L - 1 or 1, C)
-        h = self.hidden(idx, added=added)  # (B, P + L - 1, C)
+        cells = self.input_cells(self._lc(prefix, cond), n - 1) if self.rope else None
+        h = self.hidden(idx, added=added, cells=cells)  # (B, P + L - 1, C)
         return self.head(h[:, prefix.shape[1] - 1 :])  # (B, L, V): image positions only
 
     # -- incremental decoding -------------------------------------------------
@@ -452,9 +605,13 @@ class GPT(Prior):
             added = self.tok_emb(cond)  # (B, 1 or L, C); L is checked as decoding goes
         p = prefix.shape[1]
         first = None if added is None else _at_inputs(added, p)[:, :p]  # (B, P or 1, C)
-        h = self.hidden(prefix, caches, first)  # (B, P, C)
-        state = GPTState(caches, self.head(h[:, -1]), batch_size, added)  # pending: (B, V)
+        state = GPTState(caches, None, batch_size, added)
         state.offset = p - 1  # the input position of image cell 0
+        if self.rope:  # every input's (row, col) and rotation, image cells 0 .. h*w - 2 too
+            state.cells = self.input_cells(self._lc(prefix, cond), self.height * self.width - 1)
+            state.rope = self._rope(state.cells, state.cells.shape[0])  # (P + h*w - 1, 2, n)
+        h = self._hidden(prefix, caches, first, _rows(state.rope, 0, p))  # (B, P, C)
+        state.pending = self.head(h[:, -1])  # (B, V)
         return state
 
     @torch.no_grad()
@@ -478,5 +635,9 @@ class GPT(Prior):
                 raise ValueError(f"the aligned condition has {added.shape[1]} tokens; "
                                  f"cannot decode image token {cell}")
             added = added[:, cell : cell + 1]  # (B, 1, C)
-        h = self.hidden(token, state.caches, added)  # (B, 1, C)
+        t0 = state.caches[0].length  # the input position of this token
+        if state.cells is not None and t0 >= state.cells.shape[0]:
+            raise ValueError(f"pos_emb='rope2d': the {self.height}x{self.width} grid has "
+                             f"{self.height * self.width} cells, all decoded")
+        h = self._hidden(token, state.caches, added, _rows(state.rope, t0, t0 + 1))  # (B, 1, C)
         return self.head(h[:, -1]), state  # (B, V)

@@ -44,7 +44,15 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vqgen.core.attention import attention
-from vqgen.core.interfaces import AUTO, Auto, ParamsModel, Prior, Sizes, require_wired
+from vqgen.core.interfaces import (
+    AUTO,
+    Auto,
+    AutoregressivePrior,
+    ParamsModel,
+    Sizes,
+    check_grid,
+    require_wired,
+)
 
 __all__ = ["PixelSNAIL", "PixelSNAILState"]
 
@@ -234,7 +242,7 @@ class PixelBlock(nn.Module):
         return h
 
 
-class PixelSNAIL(Prior):
+class PixelSNAIL(AutoregressivePrior):
     """PixelSNAIL prior: causal convolutions, gated residual blocks and causal attention.
 
     See the module docstring for the grid layout, causality and conditioning.
@@ -250,11 +258,7 @@ class PixelSNAIL(Prior):
         """Grid, vocabularies and condition kind from the other stages; an explicit grid
         must be the data's."""
         out = super().wire(params, sizes)
-        for name in ("height", "width"):
-            have = getattr(sizes, name)
-            if have is not None and out[name] != have:
-                raise ValueError(f"{name}: {out[name]}, but the data's latent grid is "
-                                 f"{sizes.height}x{sizes.width}; leave it out (auto)")
+        check_grid(out, sizes)
         if out["cond_spatial"] and sizes.height is not None and (
                 sizes.cond_length != sizes.height * sizes.width):
             raise ValueError(
@@ -411,6 +415,6 @@ class PixelSNAIL(Prior):
         sample_fn: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Sample ``[B, length]`` image codes (default: the whole grid); see ``Prior``."""
+        """Sample ``[B, length]`` image codes (default: the whole grid); see the base class."""
         n = self.height * self.width if length is None else length
         return super().generate(cond, n, batch_size, sample_fn, generator)

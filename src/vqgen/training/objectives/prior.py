@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from vqgen.conditioners.base import drop_condition
 from vqgen.core.config import PipelineConfig
 from vqgen.core.data import held_out_dataset
+from vqgen.core.interfaces import Autoregressive
 from vqgen.core.pipeline import Pipeline, align_condition
 from vqgen.core.registry import Registry
 from vqgen.training.batches import batch_stream
@@ -59,15 +60,16 @@ class _Tokens(Dataset):
         return out
 
 
-class _PriorNLL(nn.Module):
-    """``forward(seq, cond) = prior.nll(seq, cond)``: what DistributedDataParallel wraps."""
+class _PriorLoss(nn.Module):
+    """``forward(seq, cond) = prior.loss(seq, cond)`` (an AR prior's NLL, a masked prior's
+    masked-token cross-entropy, per sample): what DistributedDataParallel wraps."""
 
     def __init__(self, prior: nn.Module) -> None:
         super().__init__()
         self.prior = prior
 
     def forward(self, seq: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-        return self.prior.nll(seq, cond)  # type: ignore[operator,no-any-return]
+        return self.prior.loss(seq, cond)  # type: ignore[operator,no-any-return]
 
 
 def _cond_input(pipe: Pipeline, raw: torch.Tensor | None, dropout: float,
@@ -87,19 +89,30 @@ def _cond_input(pipe: Pipeline, raw: torch.Tensor | None, dropout: float,
     return raw + pipe.cond_offset
 
 
+#: The fixed stream of a masked prior's held-out masks: every checkpoint (and both halves
+#: of a condition-gain pair) is scored on the same masks, so values compare.
+HELD_OUT_MASK_SEED = 0
+
+
 @torch.no_grad()
 def token_nll(pipe: Pipeline, cache: TokenCache, batch_size: int = 64, *,
               cond_shift: int = 0) -> dict[str, float]:
-    """Mean NLL of the cached tokens under ``pipe.prior``: nats and bits per token.
+    """Mean held-out loss of the cached tokens under ``pipe.prior``, nats and bits per
+    token, keyed by what it is (``Prior.loss_name``): ``nll_nats`` / ``nll_bits`` for an
+    autoregressive prior (its exact NLL), ``masked_ce_nats`` / ``masked_ce_bits`` for a
+    masked prior (cross-entropy of masked cells under a fixed, seeded mask stream).
 
     ``cond_shift = s`` pairs sample ``j`` with the condition of sample ``(j + s) mod N``:
-    a mismatched condition, whose NLL minus the matched one measures how much the
+    a mismatched condition, whose loss minus the matched one measures how much the
     prior uses its condition (see :func:`condition_gain`).
     """
     prior = pipe._require_prior()
     was = prior.training
     prior.eval()
     device = pipe.device
+    name = prior.loss_name
+    gen = None if isinstance(prior, Autoregressive) else \
+        torch.Generator(device=device).manual_seed(HELD_OUT_MASK_SEED)
     total, count = 0.0, 0
     data = _Tokens(cache, pipe)
     n = len(data)
@@ -111,24 +124,27 @@ def token_nll(pipe: Pipeline, cache: TokenCache, batch_size: int = 64, *,
             conds = [data[(i + k + cond_shift) % n]["cond"] if cond_shift else it["cond"]
                      for k, it in enumerate(items)]
             raw = torch.stack(conds).to(device)  # (B, Lc)
-        nll = prior.nll(seq, _cond_input(pipe, raw, 0.0))  # (B,)
-        total += float(nll.sum())
+        c = _cond_input(pipe, raw, 0.0)
+        loss = prior.nll(seq, c) if gen is None else prior.loss(seq, c, generator=gen)  # (B,)
+        total += float(loss.sum())
         count += len(items)
     prior.train(was)
     nats = total / max(count, 1)
-    return {"nll_nats": nats, "nll_bits": nats / LN2}
+    return {f"{name}_nats": nats, f"{name}_bits": nats / LN2}
 
 
 def condition_gain(pipe: Pipeline, cache: TokenCache, batch_size: int = 64) -> dict[str, float]:
-    """Held-out bits/token with each sample's own condition and with the next sample's.
+    """Held-out bits/token with each sample's own condition and with the next sample's
+    (the prior's :func:`token_nll` loss: its NLL, or a masked prior's masked CE).
 
     ``cond_gain_bits`` = mismatched − matched: near 0 when the prior ignores its
     condition, positive when the condition carries information it uses. A paired
     check of one trained model, so free of run-to-run noise.
     """
-    matched = token_nll(pipe, cache, batch_size)["nll_bits"]
-    other = token_nll(pipe, cache, batch_size, cond_shift=1)["nll_bits"]
-    return {"val_nll_bits": matched, "val_nll_bits_other_cond": other,
+    name = pipe._require_prior().loss_name
+    matched = token_nll(pipe, cache, batch_size)[f"{name}_bits"]
+    other = token_nll(pipe, cache, batch_size, cond_shift=1)[f"{name}_bits"]
+    return {f"val_{name}_bits": matched, f"val_{name}_bits_other_cond": other,
             "cond_gain_bits": other - matched}
 
 
@@ -160,12 +176,14 @@ def token_caches(config: PipelineConfig, registry: Registry, tokenizer: Any, con
 
 
 class PriorObjective(Objective):
-    """The prior on cached tokens: its loss on a micro-batch, with condition dropout."""
+    """The prior on cached tokens: its loss on a micro-batch, with condition dropout.
+
+    Logged under the loss's own name (``Prior.loss_name``): ``nll`` → ``nll_nats``,
+    ``val_nll_nats`` for an autoregressive prior; ``masked_ce`` → ``masked_ce_nats``,
+    ``val_masked_ce_nats`` for a masked one (never called an NLL).
+    """
 
     stage = desc = "prior"
-    shown = ("nll",)
-    val_key = "val_nll_nats"
-    global_logs = ("nll",)
     save_if_idle = False
 
     def __init__(self, config: PipelineConfig, pipe: Pipeline, cache: TokenCache,
@@ -174,6 +192,9 @@ class PriorObjective(Objective):
             config, pipe, cache, held_cache, rt)
         self.cfg = cfg = config.train.prior
         self.prior = prior = pipe._require_prior()
+        self.loss_name = name = prior.loss_name
+        self.shown = self.global_logs = (name,)
+        self.val_key = f"val_{name}_nats"
         self.base_lr = resolve_lr(cfg, rt.info.world)
         self.opt = make_optimizer(cfg, optimizer_groups(prior, cfg.weight_decay), self.base_lr)
         self.gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
@@ -182,7 +203,7 @@ class PriorObjective(Objective):
         """After a restored checkpoint: per-rank streams, training mode, DDP, compile."""
         self.rt.reseed(self.cfg.seed, start)  # per-rank dropout masks
         self.prior.train()
-        self.model = self.rt.wrap(_PriorNLL(self.prior))
+        self.model = self.rt.wrap(_PriorLoss(self.prior))
         if self.cfg.compile and self.rt.cuda:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
 
@@ -204,10 +225,10 @@ class PriorObjective(Objective):
         raw = self.rt.to_device(batch["cond"]) if "cond" in batch else None  # (B, Lc)
         c = _cond_input(self.pipe, raw, self.cfg.cond_dropout, self.gen, self.rt.info)
         loss = self.model(seq, c).mean()  # type: ignore[misc]
-        return StepOutput([loss], {"nll": loss.detach()})
+        return StepOutput([loss], {self.loss_name: loss.detach()})
 
     def record(self, logs: Mapping[str, float]) -> dict[str, Any]:
-        return {"nll_nats": logs["nll"]}
+        return {f"{self.loss_name}_nats": logs[self.loss_name]}
 
     def evaluate(self, done: int) -> dict[str, float]:
         if self.held_cache is None:
