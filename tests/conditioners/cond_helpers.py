@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import default_collate
 
 import vqgen
-from vqgen.conditioners import SpatialConditioner, drop_condition
+from vqgen.conditioners import SpatialConditioner
 from vqgen.plugins.shapes import ShapesDataset
 
 _ARCH = {"ch": 8, "ch_mult": [1, 2, 2], "norm_groups": 4, "z_channels": 8, "embed_dim": 8}
@@ -97,8 +97,7 @@ def train_prior(
     pipe.prior.train()
     losses = []
     for _ in range(steps):
-        cond = pipe.align_cond(drop_condition(pipe.conditioner, own, cond_dropout, g)
-                               + pipe.cond_offset)  # (B, Lc) in the prior's order
+        cond = pipe.prior_cond(own, dropout=cond_dropout, generator=g)  # (B, Lc)
         loss = pipe.prior(seq, cond)
         opt.zero_grad()
         loss.backward()

@@ -193,11 +193,12 @@ def test_aligned_priors_get_the_spatial_condition_in_their_ordering(aligned: boo
     pipe.generate(2, condition=small, seed=0)
     assert torch.equal(prior.conds[0], want)
     assert torch.equal(pipe.cond_tokens(small), want)
-    # training reads the token cache in the same order (conditioner ids, not yet offset)
+    # training reads the token cache (conditioner ids, row-major) through the same seam
     cache = [{"codes": torch.zeros(8, 8, dtype=torch.long), "cond": grid[i].reshape(64)}
              for i in range(2)]
     items = _Tokens(cache, pipe)  # type: ignore[arg-type]
-    assert torch.equal(torch.stack([items[i]["cond"] for i in range(2)]) + V, want)
+    raw = torch.stack([items[i]["cond"] for i in range(2)])  # (2, 64)
+    assert torch.equal(pipe.prior_cond(raw), want)
     # a class condition (Lc = 1) is never permuted
     label = make("class")
     pipe = Pipeline(StubTokenizer(), AlignedRecordingPrior(label.vocab_size), grid=(8, 8),

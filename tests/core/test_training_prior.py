@@ -90,6 +90,24 @@ def test_resume_continues_to_the_same_weights(
         assert torch.allclose(pa, pb, atol=1e-6), name
 
 
+def test_prior_weights_do_not_depend_on_whether_the_token_cache_was_built(
+    tmp_path: Path, test_registry: vqgen.Registry
+) -> None:
+    """A first run encodes the token cache, a second finds it: with dropout (the global
+    random stream) both train the same prior, bit for bit."""
+    small = {"name": "gpt", "params": {**GPT["params"], "n_layer": 1, "n_embd": 32,
+                                        "embd_pdrop": 0.1, "resid_pdrop": 0.1}}
+    tok = test_registry.create("tokenizer", "stub_tokenizer", {"n_embed": 16})
+    cfg = parse_config(config(small, steps=3), registry=test_registry)
+    cache = tmp_path / "tokens"
+    fresh = train_prior(cfg, tok, cache_root=cache, registry=test_registry, progress=False)
+    assert any(cache.iterdir())  # built by the first run, found by the second
+    found = train_prior(cfg, tok, cache_root=cache, registry=test_registry, progress=False)
+    for (name, a), b in zip(fresh.prior.state_dict().items(),
+                            found.prior.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("schedule", [None, "constant"])
 def test_prior_follows_its_lr_schedule(
     tmp_path: Path, test_registry: vqgen.Registry, schedule: str | None

@@ -55,20 +55,9 @@ def drop_condition(
     rank: int = 0,
     world: int = 1,
 ) -> torch.Tensor:
-    """Condition dropout: each sample's ``[B, Lc]`` tokens become null with probability ``p``.
-
-    ``tokens`` are the conditioner's own ids (before the pipeline's offset). The draws
-    (on ``generator``'s device; the CPU without one) cover a global batch of ``world``
-    slices of ``B``, of which ``tokens`` is slice ``rank``: distributed ranks drop what
-    one process with the whole batch would.
-    """
-    if p <= 0:
-        return tokens
-    b = tokens.shape[0]
-    device = generator.device if generator is not None else torch.device("cpu")
-    u = torch.rand(b * world, generator=generator, device=device)  # (B·world,)
-    drop = u[rank * b : (rank + 1) * b].to(tokens.device) < p  # (B,)
-    return torch.where(drop[:, None], conditioner.null_like(tokens), tokens)
+    """Condition dropout (:meth:`Conditioner.drop`): each sample's ``[B, Lc]`` tokens
+    become null with probability ``p``, drawn for the global batch."""
+    return conditioner.drop(tokens, p, generator, rank=rank, world=world)
 
 
 def require(batch: Mapping[str, Any], key: str, who: str, what: str) -> Any:

@@ -303,6 +303,21 @@ class Conditioner(Component, nn.Module):
             )
         return torch.full_like(tokens, self.null_id)
 
+    def drop(self, tokens: torch.Tensor, p: float, generator: torch.Generator | None = None,
+             *, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """Condition dropout: each sample's ``[B, Lc]`` tokens (the conditioner's own ids,
+        before the pipeline's offset) become null with probability ``p``. The draws (on
+        ``generator``'s device; the CPU without one) cover a global batch of ``world``
+        slices of ``B``, of which ``tokens`` is slice ``rank``: distributed ranks drop
+        what one process with the whole batch would."""
+        if p <= 0:
+            return tokens
+        b = tokens.shape[0]
+        device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(b * world, generator=generator, device=device)  # (B·world,)
+        drop = u[rank * b : (rank + 1) * b].to(tokens.device) < p  # (B,)
+        return torch.where(drop[:, None], self.null_like(tokens), tokens)
+
 
 class Ordering(Component):
     """A bijection between an ``h × w`` grid and a sequence of ``h * w`` tokens.

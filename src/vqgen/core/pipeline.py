@@ -188,11 +188,26 @@ class Pipeline(nn.Module):
         return batch
 
     def cond_tokens(self, batch: Mapping[str, Any] | None) -> torch.Tensor | None:
-        """Condition tokens ``[B, Lc]``, offset into the prior's id range (and, for a
-        prior that takes a spatial condition aligned, in its sequence order)."""
+        """Condition tokens ``[B, Lc]`` of a data batch as the prior takes them
+        (:meth:`prior_cond`)."""
         if batch is None or self.conditioner is None:
             return None
-        return self.align_cond(self.conditioner.tokens(batch) + self.cond_offset)  # (B, Lc)
+        return self.prior_cond(self.conditioner.tokens(batch))  # (B, Lc)
+
+    def prior_cond(self, raw: torch.Tensor | None, *, dropout: float = 0.0,
+                   generator: torch.Generator | None = None, rank: int = 0,
+                   world: int = 1) -> torch.Tensor | None:
+        """The one seam from conditioner ids to the prior's: ``raw [B, Lc]`` (row-major,
+        as conditioners make them) with condition dropout ``dropout`` (drawn for the
+        global batch of ``world`` slices, this one ``rank``), offset into the prior's id
+        range and, for a prior that takes a spatial map aligned, in its sequence order.
+        Training, held-out losses and sampling all go through here."""
+        if raw is None:
+            return None
+        if dropout > 0:
+            assert self.conditioner is not None
+            raw = self.conditioner.drop(raw, dropout, generator, rank=rank, world=world)
+        return self.align_cond(raw + self.cond_offset)  # (B, Lc)
 
     def align_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """Row-major spatial condition tokens ``[B, h*w]`` → the prior's sequence order,

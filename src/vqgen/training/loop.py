@@ -17,6 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from vqgen.core.errors import InterruptedAgain, VqgenError
 from vqgen.core.progress import progress_bar
 from vqgen.training.checkpointer import Checkpointer
 from vqgen.training.loggers import Logger
-from vqgen.training.objective import Objective, check_finite
+from vqgen.training.objective import Objective, Optim, check_finite
 from vqgen.training.runtime import Runtime
 
 __all__ = ["StopSignals", "TrainingInterrupted", "fit", "progress_bar", "resume_command"]
@@ -128,106 +129,138 @@ def _finite(logs: Mapping[str, Any]) -> bool:
     return all(math.isfinite(float(v)) for v in logs.values())
 
 
+@dataclass
+class _Step:
+    """What one optimisation step left: its mean logs (global ones averaged over ranks),
+    the agreed flags (and ``grad_norm`` where an optimizer clipped), the learning rate and
+    whether any rank was asked to stop."""
+
+    logs: dict[str, float]
+    flags: dict[str, float]
+    lr: float | None
+    stopping: bool
+
+
+def _optimisation_step(obj: Objective, rt: Runtime, optims: Sequence[Optim], stream: Any,
+                       step: int, stop: StopSignals) -> _Step:
+    """Micro-batches with accumulation, the step's one collective, then the updates."""
+    lr = obj.lr(step)
+    for o in optims:
+        o.optimizer.zero_grad(set_to_none=True)
+        if lr is not None:
+            for group in o.optimizer.param_groups:
+                group["lr"] = lr
+    n_micro = obj.micro_batches
+    step_logs, flags = _Averager(), {}
+    bad: Mapping[str, Any] | None = None
+    for micro in range(n_micro):
+        batch = next(stream)
+        with rt.accumulate(obj.model, micro == n_micro - 1), rt.autocast():
+            out = obj.step(batch, step)
+        if bad is None and not _finite(out.logs):
+            bad = out.logs
+        for loss in out.losses:
+            rt.backward(loss / n_micro)
+        step_logs.add(out.logs)
+        for k, v in out.flags.items():
+            flags[k] = flags.get(k, 0.0) + float(v)
+    logs = step_logs.pop()
+    keys, gkeys = list(flags), [k for k in obj.global_logs if k in logs]
+    agreed = rt.agree([float(stop.requested), float(bad is not None),
+                       *(flags[k] for k in keys), *(logs[k] for k in gkeys)])
+    if agreed[1] > 0:  # no rank steps on a non-finite loss
+        if bad is not None:
+            check_finite(step, bad)
+        raise VqgenError(f"non-finite loss at step {step} on another rank")
+    flags = dict(zip(keys, agreed[2:2 + len(keys)], strict=True))
+    logs.update({k: v / rt.info.world
+                 for k, v in zip(gkeys, agreed[2 + len(keys):], strict=True)})
+    for o in optims:
+        if not o.active(step):
+            continue
+        if o.average is not None:
+            rt.average_grads(o.average)
+        norm = rt.step(o.optimizer, o.clip, o.params)
+        if norm is not None:
+            flags["grad_norm"] = norm
+    if optims:
+        rt.update()
+    obj.after_update(step, flags)
+    return _Step(logs, flags, lr, agreed[0] > 0)
+
+
+class _Cadence:
+    """When to log, preview, evaluate and checkpoint; what the records and checkpoints
+    hold. Held-out evaluation runs at most once per step (on rank 0)."""
+
+    def __init__(self, obj: Objective, rt: Runtime, checkpointer: Checkpointer | None,
+                 loggers: Sequence[Logger]) -> None:
+        self.obj, self.rt, self.checkpointer, self.loggers = obj, rt, checkpointer, loggers
+        self.avg, self.t0 = _Averager(), time.time()
+        self.record: dict[str, Any] = {}
+        self.val: tuple[int, dict[str, float]] = (-1, {})
+
+    def evaluate(self, done: int) -> dict[str, float]:
+        if self.val[0] != done:
+            self.val = (done, self.obj.evaluate(done) if self.rt.main else {})
+        return self.val[1]
+
+    def save(self, done: int) -> None:
+        ckpt = self.checkpointer
+        if ckpt is None or ckpt.root is None:
+            return
+        val = self.evaluate(done)
+        key = self.obj.val_key
+        ckpt.save(done, self.obj.state_dict(), {**self.record, **val},
+                  val.get(key) if key else None)
+
+    def after(self, done: int, s: _Step) -> None:
+        """The logs, previews and checkpoints due after ``done`` steps."""
+        obj, cfg, total = self.obj, self.obj.cfg, self.obj.cfg.steps
+        self.avg.add(s.logs)
+        if _every(cfg.log_every, done, total):
+            record = {"step": done, "stage": obj.stage, **obj.record(self.avg.pop())}
+            if s.lr is not None:
+                record["lr"] = s.lr
+            if "grad_norm" in s.flags:
+                record["grad_norm"] = s.flags["grad_norm"]
+            record["elapsed_s"] = round(time.time() - self.t0, 3)
+            if done == total:
+                record.update(self.evaluate(done))
+            self.record = record
+            for lg in self.loggers:
+                lg.scalars(record)
+        if cfg.image_every > 0 and _every(cfg.image_every, done, total) and self.loggers:
+            shot = obj.preview(done)
+            if shot is not None:
+                for lg in self.loggers:
+                    lg.images(obj.stage, done, *shot)
+        if _every(cfg.checkpoint_every, done, total) or s.stopping:
+            self.save(done)
+
+
 def fit(obj: Objective, rt: Runtime, start: int, *, checkpointer: Checkpointer | None = None,
         loggers: Sequence[Logger] = (), progress: bool = True) -> None:
     """Train ``obj`` from step ``start`` to ``obj.cfg.steps``: the only training loop."""
-    cfg, total = obj.cfg, obj.cfg.steps
+    total = obj.cfg.steps
     ckpt_dir = checkpointer.root if checkpointer is not None else None
     bar = progress_bar(total, initial=start, desc=obj.desc, enabled=progress)
-    stream = obj.batches(start)
-    optims = obj.optimizers()
-    model = obj.model  # read before the first step: set by the objective's start()
-    n_micro = obj.micro_batches
-    avg, t0 = _Averager(), time.time()
-    state: dict[str, Any] = {"record": {}, "val": (-1, {})}
-
-    def evaluate(done: int) -> dict[str, float]:
-        if state["val"][0] != done:  # computed once per step
-            state["val"] = (done, obj.evaluate(done) if rt.main else {})
-        return state["val"][1]  # type: ignore[no-any-return]
-
-    def save(done: int) -> None:
-        if checkpointer is None or checkpointer.root is None:
-            return
-        val = evaluate(done)
-        checkpointer.save(done, obj.state_dict(), {**state["record"], **val},
-                          val.get(obj.val_key) if obj.val_key else None)
-
+    stream, optims = obj.batches(start), obj.optimizers()
+    cadence = _Cadence(obj, rt, checkpointer, loggers)
     with StopSignals(ckpt_dir) as stop:
         try:
             for step in range(start, total):
-                lr = obj.lr(step)
-                for o in optims:
-                    o.optimizer.zero_grad(set_to_none=True)
-                    if lr is not None:
-                        for group in o.optimizer.param_groups:
-                            group["lr"] = lr
-                step_logs, flags = _Averager(), {}
-                bad: Mapping[str, Any] | None = None
-                for micro in range(n_micro):
-                    batch = next(stream)
-                    with rt.accumulate(model, micro == n_micro - 1), rt.autocast():
-                        out = obj.step(batch, step)
-                    if bad is None and not _finite(out.logs):
-                        bad = out.logs
-                    for loss in out.losses:
-                        rt.backward(loss / n_micro)
-                    step_logs.add(out.logs)
-                    for k, v in out.flags.items():
-                        flags[k] = flags.get(k, 0.0) + float(v)
-                logs = step_logs.pop()
-                keys, gkeys = list(flags), [k for k in obj.global_logs if k in logs]
-                agreed = rt.agree([float(stop.requested), float(bad is not None),
-                                   *(flags[k] for k in keys), *(logs[k] for k in gkeys)])
-                if agreed[1] > 0:
-                    if bad is not None:
-                        check_finite(step, bad)
-                    raise VqgenError(f"non-finite loss at step {step} on another rank")
-                flags = dict(zip(keys, agreed[2:2 + len(keys)], strict=True))
-                logs.update({k: v / rt.info.world
-                             for k, v in zip(gkeys, agreed[2 + len(keys):], strict=True)})
-                for o in optims:
-                    if not o.active(step):
-                        continue
-                    if o.average is not None:
-                        rt.average_grads(o.average)
-                    norm = rt.step(o.optimizer, o.clip, o.params)
-                    if norm is not None:
-                        flags["grad_norm"] = norm
-                if optims:
-                    rt.update()
-                obj.after_update(step, flags)
-                stopping = agreed[0] > 0
-                done = step + 1
-                avg.add(logs)
-                shown = {k: f"{float(logs[k]):.4g}" for k in obj.shown if k in logs}
-                if lr is not None:
-                    shown["lr"] = f"{lr:.2e}"
+                s = _optimisation_step(obj, rt, optims, stream, step, stop)
+                shown = {k: f"{float(s.logs[k]):.4g}" for k in obj.shown if k in s.logs}
+                if s.lr is not None:
+                    shown["lr"] = f"{s.lr:.2e}"
                 bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-                if _every(cfg.log_every, done, total):
-                    record = {"step": done, "stage": obj.stage, **obj.record(avg.pop())}
-                    if lr is not None:
-                        record["lr"] = lr
-                    if "grad_norm" in flags:
-                        record["grad_norm"] = flags["grad_norm"]
-                    record["elapsed_s"] = round(time.time() - t0, 3)
-                    if done == total:
-                        record.update(evaluate(done))
-                    state["record"] = record
-                    for lg in loggers:
-                        lg.scalars(record)
-                if cfg.image_every > 0 and _every(cfg.image_every, done, total) and loggers:
-                    shot = obj.preview(done)
-                    if shot is not None:
-                        for lg in loggers:
-                            lg.images(obj.stage, done, *shot)
-                if _every(cfg.checkpoint_every, done, total) or stopping:
-                    save(done)
-                if stopping and done < total:
-                    raise _interrupted(obj.stage, done, stop.signum or signal.SIGTERM,
+                cadence.after(step + 1, s)
+                if s.stopping and step + 1 < total:
+                    raise _interrupted(obj.stage, step + 1, stop.signum or signal.SIGTERM,
                                        ckpt_dir)
         finally:
             bar.close()
     if total == start and obj.save_if_idle:
-        save(start)
+        cadence.save(start)

@@ -111,7 +111,6 @@ def train_prior(
     cfg = config.train.prior
     rt = Runtime(cfg.device, cfg.amp)
     progress = progress and rt.main
-    seed_everything(cfg.seed)
     run = Path(run_dir) if run_dir else None
     tokenizer = tokenizer.to(rt.device).eval()
     if conditioner is not None:
@@ -124,6 +123,9 @@ def train_prior(
     grid = (int(cache.codes.shape[1]), int(cache.codes.shape[2]))
     if config.prior is None:
         raise VqgenError("the config has no prior section: nothing to train in stage 2")
+    # seeded after the token caches: encoding them (or finding them built) must not move
+    # the random stream that initialises the prior and draws its dropout masks
+    seed_everything(cfg.seed)
     pipe = assemble(config, tokenizer, conditioner, grid, registry).to(rt.device)
     prior = pipe._require_prior()
     if isinstance(prior, InitFromCodeVectors) and prior.wants_code_vectors:

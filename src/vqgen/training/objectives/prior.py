@@ -21,16 +21,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vqgen.conditioners.base import drop_condition
 from vqgen.core.config import PipelineConfig
 from vqgen.core.data import held_out_dataset
 from vqgen.core.interfaces import Autoregressive
-from vqgen.core.pipeline import Pipeline, align_condition
+from vqgen.core.pipeline import Pipeline
 from vqgen.core.registry import Registry
 from vqgen.training.batches import batch_stream
 from vqgen.training.objective import Objective, Optim, StepOutput, lr_at
 from vqgen.training.optim import make_optimizer, optimizer_groups, resolve_lr
-from vqgen.training.runtime import DistInfo, Runtime
+from vqgen.training.runtime import Runtime
 from vqgen.training.tokens import TokenCache
 
 __all__ = ["PriorObjective", "condition_gain", "token_caches", "token_nll"]
@@ -39,12 +38,12 @@ LN2 = math.log(2.0)
 
 
 class _Tokens(Dataset):
-    """A token cache as ``{"seq": [L], "cond": [Lc]}`` items in the prior's order (a
-    spatial condition too, where the prior takes it aligned)."""
+    """A token cache as ``{"seq": [L], "cond": [Lc]}`` items: the codes in the prior's
+    order, the conditioner's ids as it made them (:meth:`Pipeline.prior_cond` turns them
+    into the prior's)."""
 
     def __init__(self, cache: TokenCache, pipe: Pipeline) -> None:
         self.cache, self.ordering = cache, pipe.ordering  # not the pipe: workers copy this
-        self.align = bool(getattr(pipe.prior, "aligned_condition", False))
 
     def __len__(self) -> int:
         return len(self.cache)
@@ -53,10 +52,7 @@ class _Tokens(Dataset):
         item = self.cache[i]
         out = {"seq": self.ordering.flatten(item["codes"][None])[0]}  # (L,)
         if "cond" in item:
-            cond = item["cond"]  # (Lc,)
-            if self.align:
-                cond = align_condition(cond[None], self.ordering, item["codes"].shape)[0]
-            out["cond"] = cond
+            out["cond"] = item["cond"]  # (Lc,)
         return out
 
 
@@ -70,23 +66,6 @@ class _PriorLoss(nn.Module):
 
     def forward(self, seq: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return self.prior.loss(seq, cond)  # type: ignore[operator,no-any-return]
-
-
-def _cond_input(pipe: Pipeline, raw: torch.Tensor | None, dropout: float,
-                gen: torch.Generator | None = None, info: DistInfo | None = None
-                ) -> torch.Tensor | None:
-    """Conditioner ids ``[B, Lc]`` → the prior's ids, with condition dropout applied.
-
-    The dropout draws cover the global batch, so ranks drop what one process would.
-    """
-    if raw is None:
-        return None
-    if dropout > 0:
-        assert pipe.conditioner is not None
-        info = info or DistInfo()
-        raw = drop_condition(pipe.conditioner, raw, dropout, gen, rank=info.rank,
-                             world=info.world)
-    return raw + pipe.cond_offset
 
 
 #: The fixed stream of a masked prior's held-out masks: every checkpoint (and both halves
@@ -124,7 +103,7 @@ def token_nll(pipe: Pipeline, cache: TokenCache, batch_size: int = 64, *,
             conds = [data[(i + k + cond_shift) % n]["cond"] if cond_shift else it["cond"]
                      for k, it in enumerate(items)]
             raw = torch.stack(conds).to(device)  # (B, Lc)
-        c = _cond_input(pipe, raw, 0.0)
+        c = pipe.prior_cond(raw)
         loss = prior.nll(seq, c) if gen is None else prior.loss(seq, c, generator=gen)  # (B,)
         total += float(loss.sum())
         count += len(items)
@@ -223,7 +202,9 @@ class PriorObjective(Objective):
     def step(self, batch: Mapping[str, torch.Tensor], step: int) -> StepOutput:
         seq = self.rt.to_device(batch["seq"])  # (B, L)
         raw = self.rt.to_device(batch["cond"]) if "cond" in batch else None  # (B, Lc)
-        c = _cond_input(self.pipe, raw, self.cfg.cond_dropout, self.gen, self.rt.info)
+        info = self.rt.info
+        c = self.pipe.prior_cond(raw, dropout=self.cfg.cond_dropout, generator=self.gen,
+                                 rank=info.rank, world=info.world)
         loss = self.model(seq, c).mean()  # type: ignore[misc]
         return StepOutput([loss], {self.loss_name: loss.detach()})
 
