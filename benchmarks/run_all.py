@@ -114,6 +114,19 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
         *((f"{d} data: class accuracy of class-conditional samples",
            f"settings.{d}.summary.class.accuracy.samples") for d in ("default", "demo")),
     ],
+    "stage_matrix": [
+        *((f"{d} data, {t}: reconstruction PSNR (dB)",
+           f"settings.{d}.tokenizers.{t}.psnr_db") for d in ("demo", "default")
+          for t in ("vqgan", "fsq", "lfq")),
+        *((f"{d} data, {t}: codebook usage", f"settings.{d}.tokenizers.{t}.usage")
+          for d in ("demo", "default") for t in ("vqgan", "fsq", "lfq")),
+        *((f"{d} data, {t} + {p}: class accuracy at guidance 2",
+           f"settings.{d}.cells.{t}+{p}.guidance_2.accuracy")
+          for d in ("demo", "default") for t in ("vqgan", "fsq", "lfq")
+          for p in ("gpt", "pixelsnail", "maskgit")),
+        *((f"{p}, 16x16 latents, batch 1: sampling ms per image",
+           f"sampling_ms_per_image.{p}_16x16_batch1") for p in ("gpt", "maskgit")),
+    ],
     "cuda": [
         ("GPT 24x1024 bf16 training, sdpa, 256 tokens (tokens/s)", "results.0.tokens_per_s"),
         ("same, model-FLOPs utilisation", "results.0.mfu"),

@@ -265,7 +265,7 @@ def run_setting(setting: str, scale: float, pictures: Path) -> dict[str, Any]:
                         pick = torch.cat([images[c * PER_CLASS: c * PER_CLASS + 2]
                                           for c in range(N_CLASSES)])
                         rows.append(pick)
-                out["cells"][f"{tok_name}×{prior_name}"] = cell
+                out["cells"][f"{tok_name}+{prior_name}"] = cell
     save_image_grid(torch.cat(rows), pictures / f"{NAME}_{setting}.png", nrow=8)
     out["picture"] = f"{NAME}_{setting}.png"
     out["rows"] = list(out["cells"])
