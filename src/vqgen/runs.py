@@ -24,7 +24,7 @@ import filelock
 import yaml
 from pydantic import ValidationError
 
-from vqgen.core.config import PipelineConfig, dumps_config, load_config
+from vqgen.core.config import PipelineConfig, dumps_config, load_config, parse_config
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import cond_stage_tokenizer
 from vqgen.core.io import atomic_write_text
@@ -89,12 +89,8 @@ def _claim(run_dir: Path, config: PipelineConfig, registry: Registry) -> None:
     path = run_dir / CONFIG_FILE
     text = dumps_config(config, "yaml", registry)
     if path.is_file():
-        old = yaml.safe_load(path.read_text(encoding="utf-8"))
-        new = config.to_dict()
-        if isinstance(old, dict):  # sampling settings do not touch training
-            old.pop("sampling", None)
-        new.pop("sampling", None)
-        diff = config_diff(old, new)
+        old = _comparable(yaml.safe_load(path.read_text(encoding="utf-8")), registry)
+        diff = config_diff(old, _comparable(config.to_dict(), registry))
         if diff:
             raise VqgenError(
                 f"{run_dir} was trained with a different config; it differs in "
@@ -106,6 +102,22 @@ def _claim(run_dir: Path, config: PipelineConfig, registry: Registry) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
+
+
+def _comparable(data: Any, registry: Registry) -> Any:
+    """A config as the current version resolves it (a run written before a field or a
+    stage default existed compares equal to today's resolution of the same config),
+    without what does not touch training: ``sampling`` and ``train.loggers``."""
+    if not isinstance(data, dict):
+        return data
+    try:
+        data = parse_config(data, registry=registry).to_dict()
+    except VqgenError:
+        pass  # compared as written: the difference names what changed
+    data.pop("sampling", None)
+    if isinstance(data.get("train"), dict):
+        data["train"].pop("loggers", None)
+    return data
 
 
 def _conditioner(config: PipelineConfig, registry: Registry) -> Any:

@@ -20,7 +20,7 @@ from vqgen.cli import main
 from vqgen.core.progress import PlainProgress, progress_bar
 from vqgen.training.loop import TrainingInterrupted
 
-from .test_main_job import tiny, write_config
+from .test_main_job import signal_at, tiny, write_config
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator")
@@ -54,7 +54,6 @@ def test_tensorboard_logger_writes_scalars_images_and_config(tmp_path: Path) -> 
 def test_tensorboard_curves_continue_after_resume(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from vqgen.runs import train
-    from vqgen.training.objectives.prior import PriorObjective
 
     cfg = write_config(tmp_path / "c.yaml", tiny(
         tokenizer={"steps": 2, "log_every": 1},
@@ -62,16 +61,8 @@ def test_tensorboard_curves_continue_after_resume(tmp_path: Path,
     text = cfg.read_text().replace("train:", "train:\n  loggers: [jsonl, tensorboard]")
     cfg.write_text(text)
     run = tmp_path / "run"
-    original = PriorObjective.step
-
-    def step_then_stop(self: Any, batch: Any, s: int) -> Any:
-        out = original(self, batch, s)
-        if s == 2:
-            signal.raise_signal(signal.SIGINT)
-        return out
-
     with monkeypatch.context() as m:
-        m.setattr(PriorObjective, "step", step_then_stop)
+        signal_at(m, 2, signal.SIGINT, "prior")
         with pytest.raises(TrainingInterrupted):
             train(cfg, run, progress=False)
     train(run / "config.yaml", run, resume=True, progress=False)

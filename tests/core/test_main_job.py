@@ -112,12 +112,16 @@ def test_eval_without_classifier_says_how_to_get_one(run: Path, tmp_path: Path) 
 # signals
 
 
-def _signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
-    """Deliver ``signum`` to this process while an objective computes step ``step``."""
+def signal_at(monkeypatch: pytest.MonkeyPatch, step: int, signum: int,
+              stage: str | None = None) -> None:
+    """Deliver ``signum`` to this process while an objective (of ``stage``: "tokenizer"
+    or "prior"; None: any) computes step ``step``."""
     from vqgen.training.objectives.prior import PriorObjective
     from vqgen.training.objectives.stage1 import AdversarialObjective, FittedObjective
 
-    for cls in (AdversarialObjective, FittedObjective, PriorObjective):
+    stage1 = (AdversarialObjective, FittedObjective)
+    classes = {None: (*stage1, PriorObjective), "tokenizer": stage1, "prior": (PriorObjective,)}
+    for cls in classes[stage]:
         def step_then_signal(self: Any, batch: Any, s: int, _step: Any = cls.step) -> Any:
             out = _step(self, batch, s)
             if s == step:
@@ -134,7 +138,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_exactly(
     cfg = parse_config(tiny(tokenizer={"steps": 6}))
     straight = train_tokenizer(cfg, tmp_path / "straight", progress=False)
     with monkeypatch.context() as m:
-        _signal_at(m, 2, signum)
+        signal_at(m, 2, signum)
         with pytest.raises(TrainingInterrupted, match="--resume") as info:
             train_tokenizer(cfg, tmp_path / "cut", progress=False)
     assert info.value.exit_code == 128 + signum
@@ -151,7 +155,7 @@ def test_prior_signal_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     cond = vqgen.create("conditioner", "class", {"n_classes": 4})
     straight = train_prior(cfg, tok, cond, tmp_path / "a", progress=False).prior
     with monkeypatch.context() as m:
-        _signal_at(m, 1, signal.SIGTERM)
+        signal_at(m, 1, signal.SIGTERM)
         with pytest.raises(TrainingInterrupted):
             train_prior(cfg, tok, cond, tmp_path / "b", progress=False)
     # the flag is read in the step's one collective, after its micro-batches

@@ -19,7 +19,7 @@ from vqgen.core.config import parse_config
 from vqgen.runs import train
 from vqgen.training.loop import TrainingInterrupted
 
-from .test_main_job import tiny, write_config
+from .test_main_job import signal_at, tiny, write_config
 
 MASKGIT = {"name": "maskgit", "params": {"n_layer": 1, "n_head": 2, "n_embd": 32,
                                           "dropout": 0.0, "steps": 4}}
@@ -63,8 +63,6 @@ def test_masked_prior_reports_masked_ce_never_nll(tmp_path: Path,
 @pytest.mark.parametrize("stage", ["fsq", "lfq", "maskgit", "rope2d"])
 def test_new_stages_resume_bit_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        stage: str) -> None:
-    from vqgen.training.objectives.prior import PriorObjective
-    from vqgen.training.objectives.stage1 import AdversarialObjective
 
     cfg = tiny(tokenizer={"steps": 4, "log_every": 1}, prior={"steps": 4, "log_every": 1})
     tok_params = {k: v for k, v in cfg["tokenizer"]["params"].items()
@@ -80,17 +78,8 @@ def test_new_stages_resume_bit_exactly(tmp_path: Path, monkeypatch: pytest.Monke
         cfg["ordering"] = {"name": "spiral_out"}
     config = write_config(tmp_path / "c.yaml", cfg)
     train(config, tmp_path / "whole", progress=False)
-    objective = PriorObjective if stage in ("maskgit", "rope2d") else AdversarialObjective
-    original = objective.step
-
-    def step_then_stop(self: Any, batch: Any, s: int) -> Any:
-        out = original(self, batch, s)
-        if s == 1:
-            signal.raise_signal(signal.SIGINT)
-        return out
-
     with monkeypatch.context() as m:
-        m.setattr(objective, "step", step_then_stop)
+        signal_at(m, 1, signal.SIGINT, "prior" if stage in ("maskgit", "rope2d") else "tokenizer")
         with pytest.raises(TrainingInterrupted):
             train(config, tmp_path / "cut", progress=False)
     train(config, tmp_path / "cut", resume=True, progress=False)

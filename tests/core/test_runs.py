@@ -113,3 +113,31 @@ def test_a_run_written_with_explicit_sizes_resumes_and_loads_as_before(
     assert main(["train", str(TINY), "--run-dir", str(run), "--resume"]) == 0
     assert "another config" not in capsys.readouterr().err
     assert vqgen.load_run(run).prior.block_size == 64
+
+
+def test_a_run_written_before_new_fields_and_stage_defaults_still_resumes(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config.yaml of an earlier version (no optimizer / loggers fields, stage defaults
+    left null) is the same config to this one; a logger chosen on resume is no change."""
+    import shutil
+
+    import yaml
+
+    old = shutil.copytree(run, tmp_path / "old", symlinks=True)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    cfg["train"].pop("loggers")
+    for stage in ("tokenizer", "cond", "prior"):
+        cfg["train"][stage].pop("optimizer")
+        cfg["train"][stage].update(betas=None, lr_schedule=None)
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["train", str(old / "config.yaml"), "--run-dir", str(old), "--resume",
+                 "--logger", "tensorboard"]) == 0
+    assert "differs" not in capsys.readouterr().err
+    changed = dict(cfg, train={**cfg["train"], "prior": {**cfg["train"]["prior"],
+                                                         "optimizer": "sgd"}})
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    assert main(["train", str(tmp_path / "changed.yaml"), "--run-dir", str(old),
+                 "--resume"]) == 2
+    assert "train.prior.optimizer: 'adamw' → 'sgd'" in capsys.readouterr().err
