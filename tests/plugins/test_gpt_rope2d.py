@@ -25,6 +25,8 @@ from vqgen.core.positions import (
 from vqgen.core.registry import ComponentError
 from vqgen.plugins.gpt import GPT, CausalSelfAttention
 
+from .test_gpt import decode_all
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, CV, B, H, W = 16, 5, 2, 3, 4
@@ -46,16 +48,6 @@ def orders() -> dict[str, torch.Tensor]:
         "spiral_out": vqgen.create("ordering", "spiral_out").permutation(H, W),
         "random": torch.randperm(L, generator=torch.Generator().manual_seed(3)),
     }
-
-
-def decode_all(m: GPT, seq: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    """Logits of every position from start/step, feeding the true tokens."""
-    state, token, out = m.start(cond, seq.shape[0]), None, []
-    for i in range(seq.shape[1]):
-        logits, state = m.step(state, token)  # (B, V)
-        out.append(logits)
-        token = seq[:, i]
-    return torch.stack(out, dim=1)  # (B, L, V)
 
 
 # -----------------------------------------------------------------------------
