@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,3 +42,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point ``VQGEN_CACHE_DIR`` at a temporary folder: no test writes below the home
+    folder (set and restored by hand: ``monkeypatch`` is function-scoped)."""
+    old = os.environ.get("VQGEN_CACHE_DIR")
+    os.environ["VQGEN_CACHE_DIR"] = str(tmp_path_factory.mktemp("vqgen-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VQGEN_CACHE_DIR", None)
+    else:
+        os.environ["VQGEN_CACHE_DIR"] = old

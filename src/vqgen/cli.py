@@ -128,16 +128,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
     stages = tuple(s.strip() for s in args.stages.split(",")) if args.stages else STAGES
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     config: Any = args.config
-    if args.logger:  # added to the config's train.loggers (and so recorded in the run)
+    if args.logger or args.threads is not None:  # recorded in the run's config
         from vqgen.core.config import load_config
 
         config = load_config(args.config)
         config.train.loggers = [*config.train.loggers,
-                                *(n for n in args.logger if n not in config.train.loggers)]
-    train(config, run_dir, stages=stages, resume=args.resume, progress=True)
+                                *(n for n in args.logger or () if n not in config.train.loggers)]
+        if args.threads is not None:
+            config.train.threads = _threads(args.threads)
+    train(config, run_dir, stages=stages, resume=args.resume, progress=True,
+          from_run=args.from_run)
     done = [s for s in stages if (run_dir / s / META_FILE).is_file()]
     print(f"trained {', '.join(done) or 'nothing'} into {run_dir}")
     return 0
+
+
+def _threads(n: int | None) -> int | None:
+    """``--threads N``, checked; applied to torch where given."""
+    if n is None:
+        return None
+    if not 1 <= n <= 1024:
+        raise VqgenError(f"--threads must be between 1 and 1024, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+    return n
 
 
 MAX_SAMPLES = 100_000  # --n: more is a typo, and would fill memory before any output
@@ -155,6 +170,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise VqgenError(f"--n must be between 1 and {MAX_SAMPLES}, got {args.n}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise VqgenError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    _threads(args.threads)
     pipe = load_run(args.run_dir)
     sampler = None
     if (args.sampler or args.k is not None or args.p is not None
@@ -183,18 +199,19 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if size is not None:
             raise VqgenError("--size with a spatial condition needs --cond FILE of that size")
         return _sample_held_out(pipe, args, sampler)
+    row_labels = None
     if args.cond:
         condition = _read_conds(pipe, args.cond)
     elif args.class_id is not None:
-        condition = torch.full((args.n,), args.class_id, dtype=torch.long)
-    elif n_classes:  # one row per class
+        condition = _class_condition(pipe, args.class_id).expand(args.n)  # (n,)
+    elif n_classes:  # one row per class, named where the run knows names
         per = max(1, args.n // n_classes)
         condition = torch.arange(n_classes).repeat_interleave(per)
-        nrow = per
+        nrow, row_labels = per, pipe.class_names
     n = len(condition) if isinstance(condition, torch.Tensor) else args.n
     out = pipe.generate(n, condition, size=size, sampler=sampler, seed=args.seed,
                         guidance=args.guidance)
-    path = save_image_grid(out.images, args.output, nrow=nrow)
+    path = save_image_grid(out.images, args.output, nrow=nrow, row_labels=row_labels)
     if args.codes:
         from vqgen.core.checkpoint import save_tensors
 
@@ -205,6 +222,26 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     note = f" (acceptance {out.acceptance:.3f})" if out.acceptance is not None else ""
     print(f"wrote {n} samples to {path}{note}")
     return 0
+
+
+def _class_condition(pipe: Any, value: str) -> Any:
+    """``--class VALUE``: a class name of the run, else an integer class id, as ``[1]``."""
+    n_classes = getattr(pipe.conditioner, "n_classes", None)
+    if n_classes is None:
+        raise VqgenError("--class: this run has no class conditioner")
+    names = pipe.class_names or []
+    if value not in names:
+        try:
+            cid = int(value)
+        except ValueError:
+            return pipe.class_ids([value])  # names the close matches, or says none are known
+        if not 0 <= cid < n_classes:
+            shown = f" ({', '.join(names[:10])}{' …' if len(names) > 10 else ''})" if names \
+                else ""
+            raise VqgenError(f"--class {value}: class ids of this run are 0..{n_classes - 1}"
+                             f"{shown}")
+        return pipe.class_ids([cid])
+    return pipe.class_ids([value])  # (1,)
 
 
 def _sample_held_out(pipe: Any, args: argparse.Namespace, sampler: Any) -> int:
@@ -256,6 +293,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vqgen.evaluation import evaluate_run
     from vqgen.runs import load_run
 
+    _threads(args.threads)
     out = evaluate_run(load_run(args.run_dir), args.run_dir, n=args.n,
                        per_class=args.per_class, classifier=args.classifier,
                        fid_samples=args.fid, seed=args.seed)
@@ -282,6 +320,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(args.config, args.out, per_class=args.per_class,
              classifier_steps=args.classifier_steps)
     return 0
+
+
+_THREADS_HELP = ("CPU threads (default: the cores this process may use, at most 16); on a "
+                 "machine shared with other busy processes, set your share (often 1 or 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -319,12 +361,18 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--logger", action="append", choices=["jsonl", "tensorboard"],
                     help="also report to this logger (repeatable; train.loggers in a config); "
                     "tensorboard writes <run>/tensorboard")
+    tp.add_argument("--from-run", metavar="RUN",
+                    help="take the trained tokenizer (and cond stage) from RUN instead of "
+                    "training them; checked to fit the config, copied into the new run")
+    tp.add_argument("--threads", type=int, metavar="N", help=_THREADS_HELP)
     tp.set_defaults(func=_cmd_train)
 
     sp2 = sub.add_parser("sample", help="draw samples from a trained run")
     sp2.add_argument("run_dir")
     sp2.add_argument("--n", type=int, default=16)
-    sp2.add_argument("--class", dest="class_id", type=int, help="class id to sample")
+    sp2.add_argument("--class", dest="class_id", metavar="CLASS",
+                     help="class to sample: its name (e.g. a class folder) or id")
+    sp2.add_argument("--threads", type=int, metavar="N", help=_THREADS_HELP)
     sp2.add_argument("--size", help="image size HxW in pixels (larger: sliding window)")
     sp2.add_argument("--sampler", help="sampler name (default: the config's)")
     sp2.add_argument("--k", type=int)
@@ -354,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also FID / IS on N samples (needs the eval extra and its weights)")
     ep.add_argument("--seed", type=int, default=0)
     ep.add_argument("-o", "--output", help="JSON file (default: RUN_DIR/eval.json)")
+    ep.add_argument("--threads", type=int, metavar="N", help=_THREADS_HELP)
     ep.set_defaults(func=_cmd_eval)
 
     ip = sub.add_parser("import", help="convert checkpoints of other projects into runs")

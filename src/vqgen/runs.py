@@ -41,7 +41,7 @@ from vqgen.core.layout import (
 from vqgen.core.pipeline import Pipeline, assemble
 from vqgen.core.registry import Registry, default_registry
 
-__all__ = ["STAGES", "config_diff", "load_run", "stage_step", "train"]
+__all__ = ["STAGES", "config_diff", "load_run", "reuse_config", "stage_step", "train"]
 
 
 
@@ -107,7 +107,8 @@ def _claim(run_dir: Path, config: PipelineConfig, registry: Registry) -> None:
 def _comparable(data: Any, registry: Registry) -> Any:
     """A config as the current version resolves it (a run written before a field or a
     stage default existed compares equal to today's resolution of the same config),
-    without what does not touch training: ``sampling`` and ``train.loggers``."""
+    without what does not touch training: ``sampling``, ``train.loggers`` and
+    ``train.threads``."""
     if not isinstance(data, dict):
         return data
     try:
@@ -117,6 +118,7 @@ def _comparable(data: Any, registry: Registry) -> Any:
     data.pop("sampling", None)
     if isinstance(data.get("train"), dict):
         data["train"].pop("loggers", None)
+        data["train"].pop("threads", None)
     return data
 
 
@@ -163,8 +165,13 @@ def train(
     resume: bool = False,
     registry: Registry | None = None,
     progress: bool = True,
+    from_run: str | os.PathLike[str] | None = None,
 ) -> Pipeline | None:
     """Train the stages of ``config`` into ``run_dir`` (see the module docstring).
+
+    ``from_run``: take the trained tokenizer (and a spatial conditioner's cond stage,
+    where both runs configure the same one) from that run instead of training them
+    (:func:`reuse_stages`); the new run holds copies and loads on its own.
 
     Under ``torchrun`` every process calls this; rank 0 writes the run directory, and
     holds its lock (:func:`run_lock`) throughout, so a second ``vqgen train`` on the
@@ -172,21 +179,26 @@ def train(
     Returns the trained Pipeline, or ``None`` for a config without a prior.
     """
     from vqgen.core.checkpoint import load_component
-    from vqgen.training.runtime import barrier, setup_distributed
+    from vqgen.training.runtime import barrier, configure_threads, setup_distributed
     from vqgen.training.stages import train_prior
 
     registry = registry or default_registry()
     if not isinstance(config, PipelineConfig):
         config = load_config(config, registry)
+    if from_run is not None:
+        config = reuse_config(config, Path(from_run), registry)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise VqgenError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
+    configure_threads(config.train.threads)
     lock = run_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     with lock or contextlib.nullcontext():  # the config is valid: now the run is ours
         info, _ = setup_distributed(config.train.tokenizer.device)
         run = Path(run_dir)
         if info.main:
             _claim(run, config, registry)
+            if from_run is not None:
+                reuse_stages(Path(from_run), run, config, registry)
         barrier(info)
         _stage1(run, config, "tokenizer", stages, resume, registry, progress)
         conditioner = _conditioner(config, registry)
@@ -217,6 +229,71 @@ def train(
             write_pipeline_layout(run, pipe.grid)
         barrier(info)
         return pipe
+
+
+def _reused(config: PipelineConfig, source: PipelineConfig, registry: Registry) -> list[str]:
+    """The stages of ``source`` that ``config`` can take over: the tokenizer always (its
+    fit is checked by :func:`reuse_config`), the cond stage where both conditioners have
+    the same own tokenizer."""
+    stages = ["tokenizer"]
+    mine, theirs = _conditioner(config, registry), _conditioner(source, registry)
+    if (_has_cond_stage(mine) and _has_cond_stage(theirs)
+            and mine.params.tokenizer == theirs.params.tokenizer
+            and config.train.cond.input_key == source.train.cond.input_key):
+        stages.append("cond")
+    return stages
+
+
+def reuse_config(config: PipelineConfig, source: Path, registry: Registry) -> PipelineConfig:
+    """``config`` with the tokenizer (and cond stage, see :func:`_reused`) of the run
+    ``source``: their sections and training settings copied, after checking that the
+    trained tokenizer fits what ``config`` wires from it (codes, f, channels)."""
+    if not (source / CONFIG_FILE).is_file():
+        raise VqgenError(f"--from-run {source}: not a vqgen run directory (no {CONFIG_FILE})")
+    theirs = load_config(source / CONFIG_FILE, registry)
+    mine_tok = registry.create("tokenizer", config.tokenizer.name, config.tokenizer.params)
+    their_tok = registry.create("tokenizer", theirs.tokenizer.name, theirs.tokenizer.params)
+    sizes = ("vocab_size", "downsample", "in_channels")
+    differ = [f"{n} {getattr(their_tok, n)} there, {getattr(mine_tok, n)} here" for n in sizes
+              if getattr(their_tok, n, None) != getattr(mine_tok, n, None)]
+    if differ:
+        raise VqgenError(
+            f"--from-run {source}: its tokenizer ({theirs.tokenizer.name}) does not fit this "
+            f"config's ({config.tokenizer.name}): {'; '.join(differ)}. Copy the tokenizer "
+            f"section of {source / CONFIG_FILE} into this config, or train a tokenizer")
+    data = config.to_dict()
+    for stage in _reused(config, theirs, registry):
+        if stage == "tokenizer":
+            data["tokenizer"] = theirs.to_dict()["tokenizer"]
+        data["train"][stage] = theirs.to_dict()["train"][stage]
+        if stage_step(source, stage) != getattr(theirs.train, stage).steps:
+            raise VqgenError(f"--from-run {source}: its {stage} stage is not finished "
+                             f"(step {stage_step(source, stage)} of "
+                             f"{getattr(theirs.train, stage).steps}); finish it first")
+    return parse_config(data, f"<the config with the tokenizer of {source}>", registry)
+
+
+def reuse_stages(source: Path, run: Path, config: PipelineConfig, registry: Registry) -> None:
+    """Copy the trained tokenizer (and cond stage) of ``source`` into ``run`` as finished
+    checkpoints (weights and meta through the checkpointer, no training state), unless
+    ``run`` has them already. ``meta.json`` records where they came from."""
+    from vqgen.core.checkpoint import load_component, read_meta
+    from vqgen.training.checkpointer import Checkpointer
+
+    theirs = load_config(source / CONFIG_FILE, registry)
+    for stage in _reused(config, theirs, registry):
+        if stage_step(run, stage) is not None:
+            continue
+        meta = read_meta(source / stage)
+        if stage == "tokenizer":
+            module = load_component(source / stage, registry)
+        else:
+            conditioner = _conditioner(theirs, registry)
+            _load_cond_tokenizer(source, conditioner)
+            module = conditioner.tokenizer
+        metrics = {**meta.get("metrics", {}), "from_run": str(source.resolve())}
+        Checkpointer(run / stage, module, kind=meta["kind"], name=meta["name"],
+                     keep_last=1, keep_best=False).save(int(meta["step"]), None, metrics)
 
 
 @contextlib.contextmanager

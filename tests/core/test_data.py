@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from vqgen.core.errors import VqgenError
 from vqgen.core.images import save_image_grid, u8_to_image
 from vqgen.plugins.folder import FolderDataset
 
+#: these tests read every file of their folder: nothing held out
+Folder = functools.partial(FolderDataset, held_out=0)
 
 def rgb(w: int, h: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -42,7 +45,7 @@ def two_class_folder(root: Path, n: int = 3, size: tuple[int, int] = (8, 8)) -> 
 # -- layout and labels ---------------------------------------------------------
 def test_labels_come_from_sorted_subfolders(tmp_path: Path) -> None:
     two_class_folder(tmp_path, n=4)
-    ds = FolderDataset(root=str(tmp_path), resolution=8)
+    ds = Folder(root=str(tmp_path), resolution=8)
     assert ds.classes == ["ant", "cat"] and len(ds) == 4 and ds.conditions == []
     labels = sorted((s.image.stem, int(ds[i]["label"])) for i, s in enumerate(ds.samples))
     assert labels == [("000", 0), ("001", 1), ("002", 0), ("003", 1)]
@@ -54,14 +57,14 @@ def test_labels_come_from_sorted_subfolders(tmp_path: Path) -> None:
 def test_flat_folder_is_unlabelled(tmp_path: Path) -> None:
     for i in range(2):
         save(rgb(8, 8, i), tmp_path / "images" / f"{i}.png")
-    ds = FolderDataset(root=str(tmp_path), resolution=8)
+    ds = Folder(root=str(tmp_path), resolution=8)
     assert ds.classes == [] and set(ds[0]) == {"image"}
 
 
 def test_same_resolution_image_is_exact(tmp_path: Path) -> None:
     a = rgb(8, 8, 3)
     save(a, tmp_path / "images" / "x" / "a.png")
-    img = FolderDataset(root=str(tmp_path), resolution=8)[0]["image"]
+    img = Folder(root=str(tmp_path), resolution=8)[0]["image"]
     assert img.shape == (3, 8, 8) and img.dtype == torch.float32
     expected = torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(img, expected, atol=1e-6)
@@ -95,7 +98,7 @@ def test_image_modes_load_as_rgb(tmp_path: Path, mode: str) -> None:
     save(im, tmp_path / "images" / "c" / "a.png")
     with Image.open(tmp_path / "images" / "c" / "a.png") as check:
         assert check.mode == mode  # the file really is in that mode
-    x = FolderDataset(root=str(tmp_path), resolution=8)[0]["image"]
+    x = Folder(root=str(tmp_path), resolution=8)[0]["image"]
     assert x.shape == (3, 8, 8) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1
     if mode == "RGBA":  # composited onto white
@@ -123,13 +126,13 @@ def test_resize_and_center_crop_non_square(tmp_path: Path) -> None:
     seg[:, 20:] = 3
     save(seg, tmp_path / "segmentation" / "wide.png")
 
-    full = FolderDataset(root=str(tmp_path), resolution=20)[0]  # no resize: crop x 10..30
+    full = Folder(root=str(tmp_path), resolution=20)[0]  # no resize: crop x 10..30
     assert full["image"].shape == (3, 20, 20)
     assert torch.equal(full["image"], u8_to_image(a[:, 10:30]))
     assert torch.equal(full["segmentation"], torch.from_numpy(seg[:, 10:30].astype(np.int64)))
     assert torch.equal(full["keypoints"][0, 0], torch.tensor([10.0, 10.0, 1.0]))
 
-    half = FolderDataset(root=str(tmp_path), resolution=10)[0]  # 40x20 → 20x10, crop x 5..15
+    half = Folder(root=str(tmp_path), resolution=10)[0]  # 40x20 → 20x10, crop x 5..15
     x = half["image"]
     assert x.shape == (3, 10, 10)
     assert torch.allclose(x[:, :, 2:8], torch.tensor([-1.0, 1.0, -1.0])[:, None, None], atol=0.02)
@@ -145,7 +148,7 @@ def test_resize_and_center_crop_non_square(tmp_path: Path) -> None:
 
 def test_random_crop_stays_inside_and_is_seeded(tmp_path: Path) -> None:
     save(rgb(30, 10), tmp_path / "images" / "c" / "a.png")
-    ds = FolderDataset(root=str(tmp_path), resolution=10, crop="random", seed=3)
+    ds = Folder(root=str(tmp_path), resolution=10, crop="random", seed=3)
     crops = {ds[0]["image"].numpy().tobytes() for _ in range(3)}
     assert len(crops) == 1  # a function of (seed, epoch, index)
     seen = set()
@@ -165,12 +168,12 @@ def test_hflip_is_consistent(tmp_path: Path) -> None:
     save(dep, tmp_path / "depth" / "s.png")
     write_kp(tmp_path / "keypoints" / "s.json", [[[1.5, 2.5, 1], [0.25, 7.0, 1]]])
 
-    plain = FolderDataset(root=str(tmp_path), resolution=8)[0]
+    plain = Folder(root=str(tmp_path), resolution=8)[0]
     assert torch.equal(plain["keypoints"][0], torch.tensor([[1.5, 2.5, 1.0], [0.25, 7.0, 1.0]]))
     assert torch.allclose(plain["depth"][0], torch.from_numpy(dep / 65535).float())
     flips = 0
     for seed in range(16):
-        s = FolderDataset(root=str(tmp_path), resolution=8, hflip=True, seed=seed)[0]
+        s = Folder(root=str(tmp_path), resolution=8, hflip=True, seed=seed)[0]
         if torch.equal(s["image"], plain["image"]):
             for k in ("segmentation", "depth", "keypoints"):
                 assert torch.equal(s[k], plain[k])
@@ -201,7 +204,7 @@ def test_label_maps_depth_and_batches(tmp_path: Path) -> None:
     write_kp(tmp_path / "keypoints" / "p.json", [])
     write_kp(tmp_path / "keypoints" / "q.json", [[[1, 1, 1]] * 2, [[2, 2, 2]] * 2])
 
-    ds = FolderDataset(root=str(tmp_path), resolution=8, max_objects=3)
+    ds = Folder(root=str(tmp_path), resolution=8, max_objects=3)
     assert ds.conditions == ["segmentation", "depth", "keypoints"] and ds.num_keypoints == 2
     p, q = ds[0], ds[1]
     assert p["segmentation"].dtype == torch.int64 and (p["segmentation"] == 300).all()
@@ -217,27 +220,27 @@ def test_label_maps_depth_and_batches(tmp_path: Path) -> None:
     assert batch["segmentation"].shape == (2, 8, 8) and batch["depth"].shape == (2, 1, 8, 8)
     assert batch["keypoints"].shape == (2, 3, 2, 3)
 
-    only = FolderDataset(root=str(tmp_path), resolution=8, conditions=["depth"])
+    only = Folder(root=str(tmp_path), resolution=8, conditions=["depth"])
     assert set(only[0]) == {"image", "label", "depth"}
 
 
 def test_smaller_condition_map_is_resized(tmp_path: Path) -> None:
     save(rgb(16, 16), tmp_path / "images" / "c" / "a.png")
     save(np.full((4, 4), 65535, np.uint16), tmp_path / "depth" / "a.png")
-    d = FolderDataset(root=str(tmp_path), resolution=16)[0]["depth"]
+    d = Folder(root=str(tmp_path), resolution=16)[0]["depth"]
     assert d.shape == (1, 16, 16) and torch.allclose(d, torch.ones(1))
 
 
 # -- bad input -------------------------------------------------------------------------
 def test_missing_root_and_images(tmp_path: Path) -> None:
     with pytest.raises(VqgenError, match="does not exist.*root/images/<class>"):
-        FolderDataset(root=str(tmp_path / "nope"))
+        Folder(root=str(tmp_path / "nope"))
     with pytest.raises(VqgenError, match="no images/ folder"):
-        FolderDataset(root=str(tmp_path))
+        Folder(root=str(tmp_path))
     (tmp_path / "images" / "empty_class").mkdir(parents=True)
     (tmp_path / "images" / "empty_class" / "notes.txt").write_text("hi")
     with pytest.raises(VqgenError, match="contains no images") as err:
-        FolderDataset(root=str(tmp_path))
+        Folder(root=str(tmp_path))
     assert str(tmp_path / "images") in str(err.value)
 
 
@@ -245,7 +248,7 @@ def test_mixed_layout_is_an_error(tmp_path: Path) -> None:
     two_class_folder(tmp_path, n=2)
     save(rgb(8, 8), tmp_path / "images" / "stray.png")
     with pytest.raises(VqgenError, match="mixes class sub-folders"):
-        FolderDataset(root=str(tmp_path))
+        Folder(root=str(tmp_path))
 
 
 def test_corrupt_image_is_reported_or_skipped(tmp_path: Path) -> None:
@@ -256,12 +259,12 @@ def test_corrupt_image_is_reported_or_skipped(tmp_path: Path) -> None:
     truncated = tmp_path / "images" / "cat" / "trunc.png"
     truncated.write_bytes(good.read_bytes()[:-20])
     with pytest.raises(VqgenError) as err:
-        FolderDataset(root=str(tmp_path), resolution=8)
+        Folder(root=str(tmp_path), resolution=8)
     msg = str(err.value)
     assert "2 of 6 samples" in msg and "2 unreadable image file(s)" in msg
     assert str(bad) in msg and str(truncated) in msg and "on_bad_file='skip'" in msg
     with pytest.warns(DataWarning, match="2 unreadable image file"):
-        ds = FolderDataset(root=str(tmp_path), resolution=8, on_bad_file="skip")
+        ds = Folder(root=str(tmp_path), resolution=8, on_bad_file="skip")
     assert len(ds) == 4 and all(s.image not in (bad, truncated) for s in ds.samples)
 
 
@@ -272,16 +275,16 @@ def test_keypoint_files_are_validated(tmp_path: Path) -> None:
     broken = tmp_path / "keypoints" / "002.json"
     broken.write_text('{"objects": [[[1, 2]]]')
     with pytest.raises(VqgenError) as err:
-        FolderDataset(root=str(tmp_path), resolution=8, max_objects=2)
+        Folder(root=str(tmp_path), resolution=8, max_objects=2)
     msg = str(err.value)
     assert str(many) in msg and "more than max_objects=2" in msg
     assert str(broken) in msg and "not valid JSON" in msg
     broken.write_text('{"objects": [[[1, 2]]]}')  # valid JSON, wrong shape
     with pytest.raises(VqgenError, match=r"002\.json.*\[x, y, visible\]"):
-        FolderDataset(root=str(tmp_path), resolution=8, max_objects=3)
+        Folder(root=str(tmp_path), resolution=8, max_objects=3)
     write_kp(broken, [[[1, 1, 1], [2, 2, 1]]])  # a different number of points
     with pytest.raises(VqgenError, match=r"002\.json \(objects have 2 points"):
-        FolderDataset(root=str(tmp_path), resolution=8, max_objects=3)
+        Folder(root=str(tmp_path), resolution=8, max_objects=3)
 
 
 def test_missing_condition_file_names_the_stem(tmp_path: Path) -> None:
@@ -289,13 +292,13 @@ def test_missing_condition_file_names_the_stem(tmp_path: Path) -> None:
     for stem in ("000", "002"):
         save(np.zeros((8, 8), np.uint8), tmp_path / "segmentation" / f"{stem}.png")
     with pytest.raises(VqgenError, match=r"1 image\(s\) without a segmentation file.*: 001"):
-        FolderDataset(root=str(tmp_path), resolution=8)
+        Folder(root=str(tmp_path), resolution=8)
     with pytest.warns(DataWarning):
-        ds = FolderDataset(root=str(tmp_path), resolution=8, on_bad_file="skip")
+        ds = Folder(root=str(tmp_path), resolution=8, on_bad_file="skip")
     assert sorted(s.image.stem for s in ds.samples) == ["000", "002"]
-    assert len(FolderDataset(root=str(tmp_path), resolution=8, conditions=[])) == 3
+    assert len(Folder(root=str(tmp_path), resolution=8, conditions=[])) == 3
     with pytest.raises(VqgenError, match="no depth/ folder"):
-        FolderDataset(root=str(tmp_path), resolution=8, conditions=["depth"])
+        Folder(root=str(tmp_path), resolution=8, conditions=["depth"])
 
 
 def test_bad_condition_maps(tmp_path: Path) -> None:
@@ -305,7 +308,7 @@ def test_bad_condition_maps(tmp_path: Path) -> None:
     save(np.zeros((8, 8), np.uint16), tmp_path / "depth" / "000.png")
     save(np.zeros((4, 8), np.uint16), tmp_path / "depth" / "001.png")  # wrong aspect
     with pytest.raises(VqgenError) as err:
-        FolderDataset(root=str(tmp_path), resolution=8)
+        Folder(root=str(tmp_path), resolution=8)
     msg = str(err.value)
     assert "2 of 2 samples" in msg
     assert "segmentation/000.png" in msg and "single-channel" in msg
@@ -313,21 +316,21 @@ def test_bad_condition_maps(tmp_path: Path) -> None:
     np.save(tmp_path / "depth" / "x.npy", np.zeros((2, 3, 4)))
     save(rgb(8, 8), tmp_path / "images" / "ant" / "x.png")
     with pytest.warns(DataWarning, match=r"x\.npy \(expected a 2-D map"):
-        FolderDataset(root=str(tmp_path), resolution=8, conditions=["depth"], on_bad_file="skip")
+        Folder(root=str(tmp_path), resolution=8, conditions=["depth"], on_bad_file="skip")
 
 
 def test_duplicate_stems_with_conditions(tmp_path: Path) -> None:
     save(rgb(8, 8), tmp_path / "images" / "a" / "x.png")
     save(rgb(8, 8), tmp_path / "images" / "b" / "x.png")
-    assert len(FolderDataset(root=str(tmp_path), resolution=8)) == 2
+    assert len(Folder(root=str(tmp_path), resolution=8)) == 2
     save(np.zeros((8, 8), np.uint8), tmp_path / "segmentation" / "x.png")
     with pytest.raises(VqgenError, match="stems occur more than once"):
-        FolderDataset(root=str(tmp_path), resolution=8)
+        Folder(root=str(tmp_path), resolution=8)
 
 
 def test_file_broken_after_opening_does_not_crash(tmp_path: Path) -> None:
     two_class_folder(tmp_path, n=3)
-    ds = FolderDataset(root=str(tmp_path), resolution=8)
+    ds = Folder(root=str(tmp_path), resolution=8)
     ds.samples[1].image.write_bytes(b"garbage")
     with pytest.warns(DataWarning, match="could not read sample"):
         out = [ds[i]["image"] for i in range(len(ds))]
@@ -398,7 +401,7 @@ def test_defects_are_found_when_the_data_set_opens(tmp_path: Path, monkeypatch: 
     else:
         np.save(culprit, np.full((8, 8), np.nan, np.float32))
     with pytest.raises(VqgenError) as err:
-        FolderDataset(root=str(tmp_path), resolution=8)
+        Folder(root=str(tmp_path), resolution=8)
     msg = str(err.value)
     assert str(culprit) in msg and says in msg, msg
 
@@ -445,7 +448,7 @@ def test_crafted_npy_files_are_refused_by_name(tmp_path: Path, shape: tuple[int,
     np.save(tmp_path / "set" / "depth" / "000.npy", np.random.rand(8, 8).astype(np.float32))
     culprit = _npy_with_header(tmp_path / "set" / "depth" / "001.npy", shape, descr, payload)
     with pytest.raises(VqgenError) as err:
-        FolderDataset(root=str(tmp_path / "set"), resolution=8)
+        Folder(root=str(tmp_path / "set"), resolution=8)
     assert str(culprit) in str(err.value) and says in str(err.value), str(err.value)
 
 
@@ -466,5 +469,5 @@ def test_a_class_folder_that_cannot_be_listed_is_an_error(tmp_path: Path,
 
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(VqgenError) as err:
-        FolderDataset(root=str(tmp_path), resolution=8)
+        Folder(root=str(tmp_path), resolution=8)
     assert f"cannot list {locked} (Permission denied)" in str(err.value), str(err.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 import vqgen
 from vqgen.cli import main
+from vqgen.core.images import save_image_grid
 from vqgen.runs import config_diff, stage_step
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,12 +39,27 @@ def test_train_writes_every_stage(run: Path) -> None:
 def test_sample_from_cli_and_python(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "grid.png"
     assert main(["sample", str(run), "--n", "8", "--seed", "1", "-o", str(out), "--codes"]) == 0
-    with Image.open(out) as im:  # 4 classes × 2 per row of 32 px images, 2 px padding
-        assert im.size == (2 * 34 + 2, 4 * 34 + 2)
     codes = load_file(str(out.with_suffix(".codes.safetensors")))["codes"]
     pipe = vqgen.load_run(run)
     again = pipe.generate(8, torch.arange(4).repeat_interleave(2), seed=1)
     assert torch.equal(again.codes, codes)
+    plain = tmp_path / "plain.png"
+    save_image_grid(again.images, plain, nrow=2)
+    with Image.open(out) as im, Image.open(plain) as grid:
+        # 4 classes × 2 per row of 32 px images, 2 px padding, after a margin of class names
+        assert grid.size == (2 * 34 + 2, 4 * 34 + 2) and im.size[1] == grid.size[1]
+        margin = im.size[0] - grid.size[0]
+        assert margin > 20
+        assert np.array_equal(np.asarray(im)[:, margin:], np.asarray(grid))
+        names = np.asarray(im.convert("L"))[:, :margin]  # (H, margin): dark text per row
+        rows = [names[2 + r * 34: 34 + r * 34] for r in range(4)]
+        assert all((row < 128).any() for row in rows)
+    by_name = tmp_path / "star.png"
+    assert main(["sample", str(run), "--n", "2", "--class", "star", "--seed", "1",
+                 "-o", str(by_name), "--codes"]) == 0
+    star = load_file(str(by_name.with_suffix(".codes.safetensors")))["codes"]
+    assert torch.equal(star, pipe.generate(2, ["star", "star"], seed=1).codes)
+    assert torch.equal(star, pipe.generate(2, [2, 2], seed=1).codes)  # star is class 2
     big = pipe.generate(1, 2, size=(48, 40), seed=0)
     assert big.images.shape == (1, 3, 48, 40)
 

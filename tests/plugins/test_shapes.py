@@ -158,7 +158,7 @@ def test_written_folder_reads_back_identically(tmp_path: Path) -> None:
     assert meta["classes"] == CLASSES and meta["keypoint_names"] == KEYPOINT_NAMES
 
     shapes = ShapesDataset(max_shapes=2)
-    folder = FolderDataset(root=str(out), resolution=32, max_objects=2)
+    folder = FolderDataset(root=str(out), resolution=32, max_objects=2, held_out=0)
     assert folder.classes == CLASSES and len(folder) == 40
     assert folder.conditions == ["segmentation", "depth", "keypoints"]
     for i, sample in enumerate(folder.samples):

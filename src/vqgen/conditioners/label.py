@@ -12,14 +12,14 @@ Ids: ``0 .. n_classes - 1`` the classes, ``n_classes`` the null token
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import Field
 
 from vqgen.conditioners.base import first_bad, require
 from vqgen.core.errors import SampleError, VqgenError
-from vqgen.core.interfaces import Conditioner, ParamsModel
+from vqgen.core.interfaces import AUTO, Auto, Conditioner, ParamsModel, Sizes, require_wired
 
 __all__ = ["NULL_LABEL", "ClassConditioner"]
 
@@ -34,18 +34,31 @@ class ClassConditioner(Conditioner):
     condition_key = "label"
 
     class Params(ParamsModel):
-        n_classes: int = Field(
-            4, ge=1, le=1 << 20, description="classes of the data: len(dataset.classes)"
+        n_classes: Annotated[int, Field(ge=1, le=1 << 20)] | Auto = Field(
+            AUTO, description="classes of the data (auto: the data set's, e.g. its class "
+            "folders); an explicit number must equal it"
         )
         null_token: bool = Field(
             True, description="reserve id n_classes for 'no class' (dropout, guidance)"
         )
 
-    def __init__(self, n_classes: int = 4, null_token: bool = True) -> None:
+    def __init__(self, n_classes: int | Auto = AUTO, null_token: bool = True) -> None:
         super().__init__(n_classes=n_classes, null_token=null_token)
-        self.n_classes = n_classes
-        self.vocab_size = n_classes + int(null_token)
-        self.null_id = n_classes if null_token else None
+        require_wired(self, ("n_classes",))
+        n = int(n_classes)
+        self.n_classes = n
+        self.vocab_size = n + int(null_token)
+        self.null_id = n if null_token else None
+
+    @classmethod
+    def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
+        """``n_classes`` from the data set; an explicit one must equal the data's."""
+        given = params.get("n_classes")
+        if given not in (AUTO, None) and sizes.n_classes is not None \
+                and given != sizes.n_classes:
+            raise ValueError(f"n_classes: {given}, but {sizes.data} has {sizes.n_classes} "
+                             "classes; leave it out (auto) or fix the data")
+        return super().wire(params, sizes)
 
     def labels(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """``batch["label"]`` as int64 ``[B]``, checked; ``-1`` / ``None`` → null id."""

@@ -58,6 +58,7 @@ __all__ = [
     "dump_config",
     "load_config",
     "parse_config",
+    "resolve_path",
 ]
 
 #: Config section → registry kind of the component it names.
@@ -193,6 +194,12 @@ class TrainConfig(_Strict):
         description="a spatial conditioner's own tokenizer (the cond stage)",
     )
     prior: PriorTrainConfig = Field(default_factory=PriorTrainConfig)  # type: ignore[valid-type]
+    threads: int | None = Field(
+        None, ge=1, le=1024,
+        description="CPU threads per process (torch intra-op); unset: the cores this "
+        "process may use (affinity, cgroup quota), at most 16. On a shared machine set it "
+        "to your share (often 1 or 2); `vqgen train --threads N` overrides it",
+    )
     loggers: list[Literal["jsonl", "tensorboard"]] = Field(
         default_factory=lambda: ["jsonl"],
         description="where training reports: jsonl (metrics.jsonl and images/, always on) "
@@ -252,8 +259,10 @@ class PipelineConfig(_Strict):
         return self.model_dump(mode="json", exclude_none=True)
 
 
-def _resolve_components(cfg: PipelineConfig, registry: Registry | None) -> list[tuple[str, str]]:
-    """Validate each section's params in place; return ``(path, reason)`` problems."""
+def _resolve_components(cfg: PipelineConfig, registry: Registry | None,
+                        base: Path | None = None) -> list[tuple[str, str]]:
+    """Validate each section's params in place (path params resolved against ``base``);
+    return ``(path, reason)`` problems."""
     registry = registry or default_registry()
     problems: list[tuple[str, str]] = []
     for section, spec in cfg.components().items():
@@ -272,15 +281,53 @@ def _resolve_components(cfg: PipelineConfig, registry: Registry | None) -> list[
             problems.append((f"{section}.params", f"{type(exc).__name__}: {exc}"))
             continue
         spec.params = params.model_dump(mode="json")
+        problems += _resolve_paths(section, spec, model, base)
     if not problems:  # every size that follows from another stage (see core.wiring)
         problems = wire_config(cfg, registry)
     return problems
 
 
+_VAR = re.compile(r"\$(\w+)|\$\{([^}]*)\}")
+
+
+def resolve_path(value: str, base: Path | None = None) -> str:
+    """A path param as a config means it: ``$VAR`` / ``${VAR}`` and ``~`` expanded, and a
+    relative path taken from ``base`` (the config file's folder; None: the current
+    directory), made absolute. A value in angle brackets is a placeholder, kept as it is.
+    An unset variable is a ValueError naming it."""
+    if value.startswith("<") and value.endswith(">") or value == "":
+        return value
+    unset = [a or b for a, b in _VAR.findall(value) if (a or b) not in os.environ]
+    if unset:
+        raise ValueError(f"{value!r} names the environment variable ${unset[0]}, which is not "
+                         "set; set it, or write the path out")
+    path = Path(os.path.expanduser(os.path.expandvars(value)))
+    return os.path.abspath(path if path.is_absolute() else (base or Path.cwd()) / path)
+
+
+def _resolve_paths(section: str, spec: ComponentSpec, model: type[BaseModel],
+                   base: Path | None) -> list[tuple[str, str]]:
+    """Resolve (:func:`resolve_path`) every param whose field is marked
+    ``json_schema_extra={"path": True}``, in place; returns problems."""
+    problems = []
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra
+        value = spec.params.get(name)
+        if isinstance(extra, dict) and extra.get("path") and isinstance(value, str):
+            try:
+                spec.params[name] = resolve_path(value, base)
+            except ValueError as exc:
+                problems.append((f"{section}.params.{name}", str(exc)))
+    return problems
+
+
 def parse_config(
-    data: Any, source: str = "<dict>", registry: Registry | None = None
+    data: Any, source: str = "<dict>", registry: Registry | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> PipelineConfig:
-    """Validate already-parsed config data; errors are :class:`ConfigError`."""
+    """Validate already-parsed config data; errors are :class:`ConfigError`. Relative
+    path params (a folder data set's ``root``) are taken from ``base`` (default: the
+    current directory) and stored absolute."""
     if not isinstance(data, dict):
         raise ConfigError(
             source,
@@ -293,7 +340,7 @@ def parse_config(
         raise ConfigError(source, format_validation_error(err)) from None
     except RecursionError:
         raise ConfigError(source, [("", "structure is recursive or nested too deeply")]) from None
-    problems = _resolve_components(cfg, registry)
+    problems = _resolve_components(cfg, registry, Path(base) if base is not None else None)
     if problems:
         raise ConfigError(source, problems)
     return cfg
@@ -346,7 +393,8 @@ def _read_config_text(path: Path) -> str:
 
 
 def load_config(path: str | os.PathLike[str], registry: Registry | None = None) -> PipelineConfig:
-    """Read a YAML, TOML or JSON pipeline config (by extension) and validate it."""
+    """Read a YAML, TOML or JSON pipeline config (by extension) and validate it; a
+    relative path in it (``data.params.root``) is taken from the file's folder."""
     path = Path(path)
     fmt = _format_of(path)
     text = _read_config_text(path)
@@ -362,7 +410,7 @@ def load_config(path: str | os.PathLike[str], registry: Registry | None = None) 
     except Exception as exc:  # each parser has its own error types
         reason = " ".join(str(exc).split())
         raise ConfigError(str(path), [("", f"not valid {fmt.upper()}: {reason}")]) from None
-    return parse_config(data, str(path), registry)
+    return parse_config(data, str(path), registry, base=path.parent)
 
 
 # -- dumping ----------------------------------------------------------------

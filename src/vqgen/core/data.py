@@ -36,7 +36,7 @@ from numpy.lib import format as npy_format
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vqgen.core.errors import SampleError, VqgenError
+from vqgen.core.errors import EmptySplit, SampleError, VqgenError
 from vqgen.core.images import load_rgb, u8_to_image
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "MAX_MAP_PIXELS",
     "ConditionInputs",
     "DataWarning",
+    "Spread",
     "check_map_mode",
     "held_out_dataset",
     "load_depth_map",
@@ -53,6 +54,7 @@ __all__ = [
     "read_condition",
     "read_npy_map",
     "sample_source",
+    "spread_indices",
 ]
 
 #: Condition folders a ``FolderDataset`` can read, in the order they are reported.
@@ -201,6 +203,7 @@ class ConditionInputs(Dataset):
     ) -> None:
         self.dataset, self.conditioner = dataset, conditioner
         self.key = key or getattr(conditioner.tokenizer, "input_key", "image")
+        self.labels = getattr(dataset, "labels", None)  # for previews across classes
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -248,9 +251,10 @@ def read_condition(key: str, path: str | os.PathLike[str]) -> torch.Tensor:
 
 
 def held_out_dataset(config: Any, registry: Any, n: int = 512) -> Any | None:
-    """The held-out part of a config's data (``split: val``, at most ``n`` samples), or
-    None for a data set without splits: what validation, ``best/``, evaluation and the
-    judges use."""
+    """The held-out part of a config's data (``split: val``, at most ``n`` samples spread
+    over the whole split), or None for a data set without splits or with an empty one
+    (:class:`~vqgen.core.errors.EmptySplit`): what validation, ``best/``, evaluation and
+    the judges use."""
     entry = registry.get("dataset", config.data.name)
     fields = entry.params_model.model_fields
     if "split" not in fields:
@@ -258,4 +262,63 @@ def held_out_dataset(config: Any, registry: Any, n: int = 512) -> Any | None:
     params = {**config.data.params, "split": "val"}
     if "length" in fields:
         params["length"] = min(n, int(params.get("length") or n))
-    return registry.create("dataset", config.data.name, params)
+    try:
+        held = registry.create("dataset", config.data.name, params)
+    except EmptySplit:
+        return None
+    return held if len(held) <= n else Spread(held, n)
+
+
+class Spread(Dataset):  # type: ignore[type-arg]
+    """``n`` samples of ``dataset`` at evenly spaced indices (so a data set sorted by class
+    keeps its mix of classes); its other attributes (``classes``, ``source``) pass through."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset = dataset
+        total = len(dataset)
+        self.indices = [i * total // n for i in range(min(n, total))]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.dataset[self.indices[i]]  # type: ignore[no-any-return]
+
+    def source(self, index: int, key: str) -> str:
+        """The file of sample ``index`` (see :func:`sample_source`)."""
+        return sample_source(self.dataset, self.indices[index], key)
+
+    @property
+    def labels(self) -> list[int] | None:
+        """The labels of the chosen samples, where the data set lists them."""
+        labels = getattr(self.dataset, "labels", None)
+        return None if labels is None else [labels[i] for i in self.indices]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def spread_indices(dataset: Any, n: int, seed: int = 0) -> list[int]:
+    """Indices of ``n`` samples of ``dataset`` that mix its classes: round-robin over the
+    classes in ``dataset.labels`` (each class's samples in a seeded order), or the first
+    ``n`` where the data set lists no labels (a generated one mixes them by itself).
+    Fixed for a given data set and seed."""
+    total = len(dataset)
+    n = min(n, total)
+    labels = getattr(dataset, "labels", None)
+    if labels is None or len(labels) != total:
+        return list(range(n))
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(int(c), []).append(i)
+    g = torch.Generator().manual_seed(seed)
+    queues = [[members[j] for j in torch.randperm(len(members), generator=g).tolist()]
+              for _, members in sorted(by_class.items())]
+    out: list[int] = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-__all__ = ["InterruptedAgain", "SampleError", "VqgenError"]
+__all__ = ["EmptySplit", "InterruptedAgain", "SampleError", "VqgenError"]
 
 
 class VqgenError(Exception):
     """Bad input from the user (a file, field or value), described in the message."""
+
+
+class EmptySplit(VqgenError):
+    """A data set's split (``split: val``) that holds no sample: the data has no held-out
+    part. Validation, ``best/`` and evaluation then go without; the message says how to
+    give the data one."""
 
 
 class SampleError(VqgenError):

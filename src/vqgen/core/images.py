@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,18 +85,43 @@ def save_image_grid(
     nrow: int = 8,
     padding: int = 2,
     pad_value: float = 1.0,
+    row_labels: Sequence[str] | None = None,
 ) -> Path:
     """Write ``images`` ``[N, C, H, W]`` in ``[-1, 1]`` (C = 1 or 3) as one PNG grid
     (:func:`image_grid`), atomically (a temporary file in the same folder, then
-    ``os.replace``). Returns the path.
+    ``os.replace``); ``row_labels`` (one per row, e.g. class names) are written in a
+    margin on the left. Returns the path.
     """
     u8 = image_grid(images, nrow, padding, pad_value)  # (C, Hg, Wg)
     arr = u8.permute(1, 2, 0).numpy()  # (Hg, Wg, C)
     pil = Image.fromarray(arr[..., 0] if u8.shape[0] == 1 else arr)
+    if row_labels:
+        pil = _with_row_labels(pil, list(row_labels), int(torch.as_tensor(images).shape[-2]),
+                               padding)
 
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")
     return Path(path)
+
+
+def _with_row_labels(pil: Image.Image, labels: list[str], h: int, padding: int) -> Image.Image:
+    """``pil`` (a grid of rows ``h + padding`` high) with a white left margin holding
+    ``labels[r]`` beside row ``r`` (names longer than 24 characters are cut)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    labels = [s if len(s) <= 24 else s[:23] + "…" for s in labels]
+    probe = ImageDraw.Draw(pil)
+    width = max(int(probe.textlength(s, font=font)) for s in labels) + 2 * padding + 4
+    out = Image.new(pil.mode, (pil.width + width, pil.height), "white" if pil.mode == "RGB"
+                    else 255)
+    out.paste(pil, (width, 0))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        top, bottom = font.getbbox(text)[1::2]
+        y = padding + r * (h + padding) + (h - (bottom - top)) // 2 - top
+        draw.text((padding + 2, y), text, fill="black" if pil.mode == "RGB" else 0, font=font)
+    return out
 
 
 #: Colours of segmentation labels 0..15 in previews (0 = background, black).

@@ -129,6 +129,8 @@ class Sizes:
     cond_length: int = 0  # condition tokens per sample, Lc (0: no conditioner)
     cond_spatial: bool = False  # the condition is a token map aligned with the grid
     in_channels: int | None = None  # channels fed to a nested (cond-stage) tokenizer
+    n_classes: int | None = None  # the data's classes (None: it names none, or unknown)
+    data: str = "the data"  # how a message names the data set (e.g. "data 'folder'")
 
 
 class Component(ABC):  # noqa: B024 (abstract by role; subclasses add the methods)
@@ -183,6 +185,8 @@ _UNKNOWN = {
     "vocab_size": "no tokenizer", "downsample": "no tokenizer",
     "height": "the data names no resolution", "width": "the data names no resolution",
     "in_channels": "no conditioner feeds this tokenizer",
+    "n_classes": "the data set names no classes: a flat folder, a data set without labels, "
+                 "or a folder that cannot be listed here",
 }
 
 

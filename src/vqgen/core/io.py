@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vqgen.core.errors import VqgenError
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "cache_dir"]
 
 
 def _target(path: Path) -> Path:
@@ -69,3 +69,18 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically; returns the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def cache_dir() -> Path:
+    """The folder for vqgen's caches (disposable: deleting it only costs time).
+
+    ``$VQGEN_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/vqgen`` (an absolute path, as
+    the XDG spec asks), else ``~/.cache/vqgen``. An empty variable counts as unset.
+    Nothing is created here; writers make the folder they need.
+    """
+    if own := os.environ.get("VQGEN_CACHE_DIR"):
+        return Path(own).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "vqgen"
+    return Path.home() / ".cache" / "vqgen"

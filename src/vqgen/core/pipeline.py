@@ -24,8 +24,9 @@ It owns the seams between the stages:
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,9 +112,13 @@ class Pipeline(nn.Module):
         conditioner: Conditioner | None = None,
         cond_offset: int | None = None,
         guidance: float = 1.0,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.guidance = float(guidance)  # the default of generate(guidance=None)
+        #: names of the class ids (the data set's), where known: a class condition may
+        #: name its class (:meth:`class_ids`)
+        self.class_names = list(class_names) if class_names is not None else None
         self.tokenizer = tokenizer
         self.prior = prior
         self.conditioner = conditioner
@@ -170,7 +175,7 @@ class Pipeline(nn.Module):
         if self.conditioner is None:
             raise VqgenError("this pipeline has no conditioner, so it takes no condition")
         if not isinstance(condition, Mapping):
-            labels = torch.as_tensor(condition, dtype=torch.long).reshape(-1)  # (n or 1,)
+            labels = self.class_ids(condition)  # (n or 1,)
             condition = {"label": labels}
         batch: dict[str, Any] = {}
         for key, value in condition.items():
@@ -186,6 +191,30 @@ class Pipeline(nn.Module):
                 value = value.to(self.device)
             batch[key] = value
         return batch
+
+    def class_ids(self, classes: Any) -> torch.Tensor:
+        """Class ids ``[n]`` int64 of ``classes``: an id, a class name, or a sequence or
+        tensor of them (names: :attr:`class_names`, e.g. the data's class folders)."""
+        if isinstance(classes, torch.Tensor):
+            return classes.to(torch.long).reshape(-1)
+        items = [classes] if isinstance(classes, str | int) else list(classes)
+        if not any(isinstance(c, str) for c in items):
+            return torch.as_tensor(items, dtype=torch.long).reshape(-1)
+        names = self.class_names
+        if names is None:
+            raise VqgenError(f"class {next(c for c in items if isinstance(c, str))!r}: this "
+                             "pipeline knows no class names (its data set names none); "
+                             "give class ids")
+        ids = []
+        for c in items:
+            if isinstance(c, str) and c not in names:
+                close = difflib.get_close_matches(c, names, n=3)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
+                raise VqgenError(f"class {c!r} is not a class of this run; {hint}classes: "
+                                 f"{shown} (or ids 0..{len(names) - 1})")
+            ids.append(names.index(c) if isinstance(c, str) else int(c))
+        return torch.tensor(ids, dtype=torch.long)  # (n,)
 
     def cond_tokens(self, batch: Mapping[str, Any] | None) -> torch.Tensor | None:
         """Condition tokens ``[B, Lc]`` of a data batch as the prior takes them
@@ -511,7 +540,27 @@ def assemble(config: Any, tokenizer: Tokenizer, conditioner: Conditioner | None,
                if config.sampler else None)
     pipe = Pipeline(tokenizer, prior, grid=grid, ordering=ordering, sampler=sampler,
                     conditioner=conditioner, cond_offset=cond_offset,
-                    guidance=config.sampling.guidance)
+                    guidance=config.sampling.guidance,
+                    class_names=config_class_names(config, registry, conditioner))
     pipe.config = config  # type: ignore[attr-defined]
     pipe.registry = registry  # type: ignore[attr-defined]  # held-out data, judges
     return pipe
+
+
+def config_class_names(config: Any, registry: Any, conditioner: Conditioner | None
+                       ) -> list[str] | None:
+    """The class names of a config's data (``data.params.classes`` as recorded, else the
+    data set's ``class_names(params)``), where they fit the class conditioner; else None."""
+    n = getattr(conditioner, "n_classes", None)
+    if n is None:
+        return None
+    names = config.data.params.get("classes")
+    if not isinstance(names, list):
+        lister = getattr(registry.get("dataset", config.data.name).cls, "class_names", None)
+        try:
+            names = lister(config.data.params) if lister is not None else None
+        except Exception:  # noqa: BLE001 (the data may be absent where a run is sampled)
+            names = None
+    if not isinstance(names, list) or len(names) != n:
+        return None
+    return [str(c) for c in names]

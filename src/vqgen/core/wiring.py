@@ -81,8 +81,10 @@ def stage_sizes(cfg: PipelineConfig, registry: Registry) -> Sizes:
         except ValueError as exc:
             raise _Stop([("data.params.resolution", f"{res} does not suit tokenizer "
                           f"{cfg.tokenizer.name!r}: {exc}")]) from None
+    names = _data_classes(cfg, registry)
     sizes = Sizes(vocab_size=int(tok.vocab_size), downsample=int(tok.downsample),
-                  height=grid[0] if grid else None, width=grid[1] if grid else None)
+                  height=grid[0] if grid else None, width=grid[1] if grid else None,
+                  n_classes=len(names) if names else None, data=f"data {cfg.data.name!r}")
     if cfg.conditioner is None:
         return sizes
     _rewire(registry, "conditioner", cfg.conditioner, "conditioner", sizes)
@@ -97,6 +99,27 @@ def stage_sizes(cfg: PipelineConfig, registry: Registry) -> Sizes:
                           f"{exc}")]) from None
     return dataclasses.replace(sizes, cond_vocab_size=int(cond.vocab_size), cond_length=length,
                                cond_spatial=bool(cond.spatial))
+
+
+def _data_classes(cfg: PipelineConfig, registry: Registry) -> list[str] | None:
+    """The class names of ``cfg``'s data set (its ``class_names(params)``, a listing that
+    reads no image), recorded in ``data.params.classes`` where that is ``"auto"``; None for
+    a data set without classes. Not knowing them (a folder absent on this machine) is a
+    problem only where a size needs them: a conditioner's ``n_classes: auto``."""
+    class_names = getattr(registry.get("dataset", cfg.data.name).cls, "class_names", None)
+    if class_names is None:
+        return None
+    try:
+        names = class_names(cfg.data.params)
+    except Exception as exc:  # noqa: BLE001 (a plugin's listing may raise anything)
+        needed = cfg.conditioner is not None and cfg.conditioner.params.get("n_classes") == AUTO
+        if needed:
+            raise _Stop([("data.params", f"cannot list its classes for conditioner.params."
+                          f"n_classes 'auto': {exc}")]) from None
+        return None
+    if names is not None and cfg.data.params.get("classes") == AUTO:
+        cfg.data.params["classes"] = list(names)  # the run records ids ↔ names
+    return None if names is None else list(names)
 
 
 def wire_config(cfg: PipelineConfig, registry: Registry) -> Problems:

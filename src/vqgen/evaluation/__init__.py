@@ -22,6 +22,7 @@ classifier and the LPIPS network.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -256,8 +257,9 @@ def evaluate_run(
     held = held_out_dataset(config, reg, n)
     if held is None:
         raise VqgenError(
-            f"dataset {config.data.name!r} has no held-out split (no 'split' param): "
-            "nothing to evaluate on"
+            f"dataset {config.data.name!r} has no held-out data (no 'split' param, or an "
+            "empty held-out split), so there is nothing to evaluate on; for a folder, add "
+            "root/val/<class>/ images or set data.params.held_out above 0"
         )
     out: dict[str, Any] = {"run_dir": str(run), "held_out_samples": len(held)}
     tok = pipe.tokenizer
@@ -286,9 +288,11 @@ def evaluate_run(
         if getattr(pipe.conditioner, "n_classes", None) and pipe.conditioner.spatial is False:
             path = find_classifier(run, classifier, config)
             if path is None:
+                data = json.dumps(config.data.params)
                 out["samples"] = {"class_accuracy": None, "note": (
-                    "no classifier: train one with `python -m vqgen.training.judges "
-                    f"--augment --out {run / CLASSIFIER_FILE}` (or pass --classifier FILE)")}
+                    f"no classifier: train one with `python -m vqgen.training.judges --data "
+                    f"{config.data.name} --data-params '{data}' --augment --out "
+                    f"{run / CLASSIFIER_FILE}` (or pass --classifier FILE)")}
             else:
                 from vqgen.plugins.judges import load_classifier
 

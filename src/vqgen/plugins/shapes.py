@@ -52,8 +52,9 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -239,6 +240,11 @@ class ShapesDataset(Component, Dataset):
             description="0: shape colours anywhere in the RGB cube; N: the first N corners "
             "of the RGB cube (red, blue, yellow, green, magenta, cyan, white, black)",
         )
+
+    @classmethod
+    def class_names(cls, params: Mapping[str, Any]) -> list[str]:
+        """The names of the class ids (the same for every params): ``CLASSES``."""
+        return list(CLASSES)
 
     def __init__(
         self,

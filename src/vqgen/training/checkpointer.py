@@ -57,17 +57,19 @@ class Checkpointer:
         """Whether ``root`` holds a checkpoint to resume from."""
         return self.root is not None and (checkpoint_dir(self.root) / META_FILE).is_file()
 
-    def save(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, Any],
+    def save(self, step: int, state: Mapping[str, Any] | None, metrics: Mapping[str, Any],
              val_loss: float | None = None) -> None:
         """Commit the checkpoint after ``step`` steps (``state``: the objective's training
-        state) and keep it in history / as ``best`` on ``val_loss``."""
+        state; None for a finished stage that will not resume, e.g. weights taken from
+        another run) and keep it in history / as ``best`` on ``val_loss``."""
         if self.root is None:
             return
-        full = {**state, "step": step, "rng": rng_state(), "buffers": extra_buffers(self.module)}
         with checkpoint_commit(self.root, step) as unit:  # every file, then one pointer switch
             for other_name, other in self.others.items():
                 save_tensors(other.state_dict(), unit / f"{other_name}.safetensors")
-            save_state(full, unit / STATE_FILE)
+            if state is not None:
+                save_state({**state, "step": step, "rng": rng_state(),
+                            "buffers": extra_buffers(self.module)}, unit / STATE_FILE)
             save_component(unit, self.module, kind=self.kind, name=self.name, step=step,
                            metrics=metrics)
         keep_checkpoint(self.root, step, keep_last=self.keep_last, val_loss=val_loss,

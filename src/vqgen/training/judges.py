@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqgen.core.errors import VqgenError
+from vqgen.core.errors import EmptySplit, VqgenError
 from vqgen.plugins.judges import (
     ImageClassifier,
     SegmentationNet,
@@ -223,9 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     line = f"trained in {time.perf_counter() - t0:.1f}s"
     fields = reg.get("dataset", args.data).params_model.model_fields
-    if "split" in fields:  # a held-out check
+    val = None
+    if "split" in fields:  # a held-out check, where the data holds some out
         held_out = {**params, "split": "val"} | ({"length": 1000} if "length" in fields else {})
-        val = reg.create("dataset", args.data, held_out)
+        try:
+            val = reg.create("dataset", args.data, held_out)
+        except EmptySplit:
+            val = None
+    if val is not None:
         images = _stack(val, "image")
         if args.segmentation:
             pred = predict_segmentation(model, images)

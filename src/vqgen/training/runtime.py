@@ -35,8 +35,50 @@ from torch import nn
 
 from vqgen.core.errors import VqgenError
 
-__all__ = ["DistInfo", "Runtime", "barrier", "resolve_device", "seed_everything",
-           "setup_distributed", "world_size"]
+__all__ = ["DistInfo", "Runtime", "barrier", "configure_threads", "default_threads",
+           "resolve_device", "seed_everything", "setup_distributed", "world_size"]
+
+#: the most CPU threads the default picks: beyond this, small models gain nothing
+MAX_DEFAULT_THREADS = 16
+#: cgroup v2's CPU quota of this process's group ("max PERIOD" or "QUOTA PERIOD")
+CPU_MAX_FILE = "/sys/fs/cgroup/cpu.max"
+
+
+def _cpu_quota() -> int | None:
+    """CPUs a cgroup v2 quota (``cpu.max``, e.g. ``docker --cpus``) allows, or None."""
+    try:
+        with open(CPU_MAX_FILE, encoding="ascii") as f:
+            quota, period = f.read().split()[:2]
+        return None if quota == "max" else max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads() -> int:
+    """Torch threads for this process when none are asked for: torch's own default (the
+    physical cores) capped by the cores this process may run on (affinity, cgroup quota),
+    shared among the processes of one machine under torchrun, and by
+    :data:`MAX_DEFAULT_THREADS`."""
+    n = torch.get_num_threads()
+    if hasattr(os, "sched_getaffinity"):
+        n = min(n, len(os.sched_getaffinity(0)))
+    quota = _cpu_quota()
+    if quota is not None:
+        n = min(n, quota)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(n // max(local, 1), MAX_DEFAULT_THREADS))
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set torch's intra-op CPU threads (``None``: :func:`default_threads`); returns it.
+    On a machine shared with other busy processes, fewer threads than cores avoid
+    OpenMP threads spinning against each other (often 1 or 2 is fastest)."""
+    n = default_threads() if threads is None else threads
+    if n < 1:
+        raise VqgenError(f"threads must be at least 1, got {n}")
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
 
 
 def world_size() -> int:

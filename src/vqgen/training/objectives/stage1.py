@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from vqgen.core.config import PipelineConfig, StageTrainConfig
-from vqgen.core.data import ConditionInputs, held_out_dataset
+from vqgen.core.data import ConditionInputs, held_out_dataset, spread_indices
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import Adversarial, Fitted, cond_stage_tokenizer
 from vqgen.core.registry import Registry
@@ -78,8 +78,8 @@ class _Stage1(Objective):
                 f"dataset {config.data.name!r} has no {self.key!r} in its samples (it has "
                 f"{', '.join(sorted(sample))}); set train.{stage}.input_key"
             )
-        n = min(PREVIEW_IMAGES, len(self.dataset))
-        self.preview_inputs = torch.stack([self.dataset[i][self.key] for i in range(n)])
+        shown = spread_indices(self.dataset, PREVIEW_IMAGES, self.cfg.seed)  # across classes
+        self.preview_inputs = torch.stack([self.dataset[i][self.key] for i in shown])
         self.loss_fn: Any = None
 
     def input_of(self, batch: Mapping[str, Any]) -> torch.Tensor:
