@@ -51,10 +51,16 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 def _cmd_config_validate(args: argparse.Namespace) -> int:
     from vqgen.core.config import dumps_config, load_config
+    from vqgen.core.registry import default_registry
 
     cfg = load_config(args.file)
+    if args.from_run:  # what `vqgen train --from-run RUN` would train with
+        from vqgen.runs import reuse_config
+
+        cfg = reuse_config(cfg, Path(args.from_run), default_registry())
     parts = ", ".join(f"{s}={spec.name}" for s, spec in cfg.components().items())
-    print(f"ok: {args.file} ({parts})")
+    source = f" with the tokenizer of {args.from_run}" if args.from_run else ""
+    print(f"ok: {args.file} ({parts}){source}")
     if args.resolved:
         print(dumps_config(cfg, "yaml"), end="")
     return 0
@@ -348,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = csub.add_parser("validate", help="check a YAML/TOML/JSON pipeline config (exit 0 or 2)")
     v.add_argument("file")
     v.add_argument("--resolved", action="store_true", help="also print it with all defaults")
+    v.add_argument("--from-run", metavar="RUN",
+                   help="check it with the trained tokenizer of RUN (as `vqgen train --from-run`)")
     v.set_defaults(func=_cmd_config_validate)
     s = csub.add_parser("schema", help="JSON Schema including every component's params")
     s.add_argument("-o", "--output", help="write to a file instead of stdout")

@@ -109,6 +109,17 @@ def _scratch(tmp: Path) -> None:
         "optimizer_unknown": {"train": {**tiny["train"], "prior": {
             **tiny["train"]["prior"], "optimizer": "rmsprop"}}},
         "logger_unknown": {"train": {**tiny["train"], "loggers": ["wandb"]}},
+        # one's own folders: classes wired from them, paths resolved where they enter
+        "n_classes_wrong": {"conditioner": {"name": "class", "params": {"n_classes": 5}}},
+        "root_var_unset": {"data": {"name": "folder", "params": {
+            "root": "$VQGEN_SURELY_UNSET/x", "resolution": 32}}},
+        "held_out_too_big": {"data": {"name": "folder", "params": {
+            "root": str(data), "resolution": 32, "held_out": 1.5}}},
+        "classes_missing_folder": {"data": {"name": "folder", "params": {
+            "root": str(data), "resolution": 32, "classes": ["c0", "c1", "c9"]}},
+            "conditioner": {"name": "class"}},
+        "folder_n_classes_wrong": {"data": {"name": "folder", "params": {
+            "root": str(data), "resolution": 32}}},  # 2 class folders, n_classes: 4
     }.items():
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump({**tiny, **change}))
     os.mkfifo(tmp / "fifo")
@@ -245,6 +256,26 @@ CASES = [
          ["train.loggers", "wandb"]),
     Case("train_refuses_before_training", ["train", "{tmp}/kmeans_512.yaml", "--run-dir",
                                            "{run}"], ["prior.params.vocab_size: 512"]),
+    Case("n_classes_differs_from_the_data", ["config", "validate", "{tmp}/n_classes_wrong.yaml"],
+         ["conditioner.params.n_classes: 5, but data 'shapes' has 4 classes"]),
+    Case("folder_n_classes_differs", ["config", "validate", "{tmp}/folder_n_classes_wrong.yaml"],
+         ["conditioner.params.n_classes: 4, but data 'folder' has 2 classes"]),
+    Case("root_variable_unset", ["config", "validate", "{tmp}/root_var_unset.yaml"],
+         ["data.params.root", "$VQGEN_SURELY_UNSET", "not set"]),
+    Case("held_out_too_big", ["config", "validate", "{tmp}/held_out_too_big.yaml"],
+         ["data.params.held_out"]),
+    Case("classes_list_names_a_missing_folder",
+         ["config", "validate", "{tmp}/classes_missing_folder.yaml"], ["data.params", "'c9'"]),
+    # classes, threads and reuse on the command line
+    Case("class_name_unknown", [*SAMPLE, "--class", "hexagon"],
+         ["'hexagon' is not a class", "circle, square, star, triangle"]),
+    Case("class_id_out_of_range", [*SAMPLE, "--class", "7"], ["--class 7", "0..3"]),
+    Case("class_id_huge", [*SAMPLE, "--class", str(2**63)], [f"--class {2**63}", "0..3"]),
+    Case("threads_zero", [*SAMPLE, "--threads", "0"],
+         ["--threads must be between 1 and 1024, got 0"]),
+    Case("from_run_not_a_run", ["train", "{run}/config.yaml", "--run-dir", "{tmp}/fresh",
+                                "--from-run", "{tmp}/nothing"],
+         ["--from-run {tmp}/nothing", "not a vqgen run directory"]),
     # data
     Case("training_labels_out_of_range",
          ["train", "{tmp}/bad_labels.yaml", "--run-dir", "{tmp}/fresh"],

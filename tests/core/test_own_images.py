@@ -237,10 +237,13 @@ def test_from_run_refuses_a_tokenizer_that_does_not_fit(
     path = tmp_path / "other.yaml"
     path.write_text(yaml.safe_dump(cfg))
     new = tmp_path / "new"
-    assert main(["train", str(path), "--run-dir", str(new), "--from-run", str(source_run)]) == 2
-    err = capsys.readouterr().err
-    assert "vocab_size 32 there, 64 here" in err and "Traceback" not in err
+    for command in (["config", "validate", str(path)],
+                    ["train", str(path), "--run-dir", str(new)]):
+        assert main([*command, "--from-run", str(source_run)]) == 2
+        err = capsys.readouterr().err
+        assert "vocab_size 32 there, 64 here" in err and "Traceback" not in err
     assert not new.exists()
+    assert main(["config", "validate", str(TINY), "--from-run", str(source_run)]) == 0
     assert main(["train", str(TINY), "--run-dir", str(new), "--from-run",
                  str(tmp_path / "nope")]) == 2
     assert "not a vqgen run directory" in capsys.readouterr().err
