@@ -72,6 +72,7 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
 
     text = json.dumps(config_schema(), indent=2) + "\n"
     if args.output:
+        _check_output(args.output)
         atomic_write_text(Path(args.output), text)
         print(f"wrote {args.output}")
     else:
@@ -105,6 +106,7 @@ def _cmd_data_write(args: argparse.Namespace) -> int:
         )
     if args.n < 1:
         raise VqgenError(f"--n must be at least 1, got {args.n}")
+    _check_output(args.out_dir, "out_dir")
     params = {"seed": args.seed, "length": args.n, **_parse_kv(args.param)}
     if args.resolution is not None:
         params["resolution"] = args.resolution
@@ -118,6 +120,7 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     from vqgen.core.images import write_preview
     from vqgen.core.registry import default_registry
 
+    _check_output(args.output)
     params = _parse_kv(args.param)
     if args.resolution is not None:
         params["resolution"] = args.resolution
@@ -149,6 +152,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str | Path, flag: str = "-o") -> None:
+    """Refuse an output that would overwrite what a run directory reads back."""
+    from vqgen.core.layout import refuse_run_input
+
+    refuse_run_input(path, flag)
+
+
 def _threads(n: int | None) -> int | None:
     """``--threads N``, checked; applied to torch where given."""
     if n is None:
@@ -177,6 +187,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise VqgenError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     _threads(args.threads)
+    _check_output(args.output)
+    _check_output(Path(args.output).with_suffix(".codes.safetensors"), "-o (its codes)")
+    if args.singles:
+        _check_output(Path(args.singles) / "0000.png", "--singles")
     pipe = load_run(args.run_dir)
     sampler = None
     if (args.sampler or args.k is not None or args.p is not None
@@ -296,15 +310,18 @@ def _read_conds(pipe: Any, specs: Sequence[str]) -> dict[str, Any]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vqgen.core.io import atomic_write_text
+    from vqgen.core.layout import EVAL_FILE
     from vqgen.evaluation import evaluate_run
     from vqgen.runs import load_run
 
     _threads(args.threads)
+    if args.output:
+        _check_output(args.output)
     out = evaluate_run(load_run(args.run_dir), args.run_dir, n=args.n,
                        per_class=args.per_class, classifier=args.classifier,
                        fid_samples=args.fid, seed=args.seed)
     text = json.dumps(out, indent=2) + "\n"
-    path = Path(args.output) if args.output else Path(args.run_dir) / "eval.json"
+    path = Path(args.output) if args.output else Path(args.run_dir) / EVAL_FILE
     atomic_write_text(path, text)
     print(text, end="")
     print(f"wrote {path}", file=sys.stderr)

@@ -31,10 +31,12 @@ from vqgen.core.io import atomic_write_text
 from vqgen.core.layout import (
     CONFIG_FILE,
     LOCK_FILE,
+    LOCK_OWNER_FILE,
     META_FILE,
     PIPELINE_FILE,
     STAGES,
     WEIGHTS_FILE,
+    check_run_links,
     read_pipeline_layout,
     write_pipeline_layout,
 )
@@ -191,6 +193,7 @@ def train(
     if unknown:
         raise VqgenError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(STAGES)}")
     configure_threads(config.train.threads)
+    check_run_links(run_dir)  # before the lock: its files must not lead outside the run
     lock = run_lock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else None
     with lock or contextlib.nullcontext():  # the config is valid: now the run is ours
         info, _ = setup_distributed(config.train.tokenizer.device)
@@ -307,7 +310,7 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
     except OSError as exc:
         raise VqgenError(f"cannot create the run directory {run}: {exc.strerror}") from None
     lock = filelock.FileLock(str(run / LOCK_FILE), timeout=0)
-    owner = run / f"{LOCK_FILE}.owner"
+    owner = run / LOCK_OWNER_FILE
     try:
         lock.acquire()
     except filelock.Timeout:
@@ -355,6 +358,7 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
 
     registry = registry or default_registry()
     run = Path(run_dir)
+    check_run_links(run)
     if not (run / CONFIG_FILE).is_file():
         raise VqgenError(f"{run} is not a vqgen run directory (no {CONFIG_FILE})")
     config = load_config(run / CONFIG_FILE, registry)

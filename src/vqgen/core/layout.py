@@ -24,20 +24,25 @@ Training (:mod:`vqgen.training`), run directories (:mod:`vqgen.runs`) and import
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, NonNegativeInt, PositiveInt
 
+from vqgen.core.errors import VqgenError
 from vqgen.core.io import atomic_write_text
 
 __all__ = [
     "BEST_DIR",
     "BEST_FILE",
+    "CLASSIFIER_FILE",
     "CONFIG_FILE",
     "CURRENT",
+    "EVAL_FILE",
     "HISTORY_DIR",
     "IMAGES_DIR",
     "LOCK_FILE",
+    "LOCK_OWNER_FILE",
     "META_FILE",
     "METRICS_FILE",
     "PIPELINE_FILE",
@@ -46,8 +51,11 @@ __all__ = [
     "TENSORBOARD_DIR",
     "TOKENS_DIR",
     "WEIGHTS_FILE",
+    "RUN_INPUTS",
     "PipelineLayout",
+    "check_run_links",
     "read_pipeline_layout",
+    "refuse_run_input",
     "write_pipeline_layout",
 ]
 
@@ -59,6 +67,9 @@ TENSORBOARD_DIR = "tensorboard"
 TOKENS_DIR = "tokens"
 PIPELINE_FILE = "pipeline.json"
 LOCK_FILE = ".lock"
+LOCK_OWNER_FILE = ".lock.owner"
+CLASSIFIER_FILE = "classifier.safetensors"  # the judge `vqgen eval` finds by itself
+EVAL_FILE = "eval.json"  # what `vqgen eval` writes by default
 # inside a stage directory (vqgen.core.checkpoint) and a token cache folder
 META_FILE = "meta.json"  # a checkpoint's (and a token cache's) description
 WEIGHTS_FILE = "weights.safetensors"
@@ -67,6 +78,9 @@ HISTORY_DIR = "history"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 CURRENT = "current"
+#: what vqgen reads back from a run: an output written over one of them is refused
+RUN_INPUTS = (CONFIG_FILE, PIPELINE_FILE, METRICS_FILE, LOCK_FILE, LOCK_OWNER_FILE,
+              CLASSIFIER_FILE, TOKENS_DIR, TENSORBOARD_DIR, IMAGES_DIR, *STAGES)
 
 
 class PipelineLayout(BaseModel):
@@ -89,3 +103,72 @@ def write_pipeline_layout(run: str | os.PathLike[str], grid: tuple[int, int],
     layout = PipelineLayout(grid=grid, cond_offset=cond_offset)
     return atomic_write_text(Path(run) / PIPELINE_FILE,
                              layout.model_dump_json(exclude_none=True) + "\n")
+
+
+# -- a run directory is untrusted input ---------------------------------------------
+_OWN_LINKS = (  # (name in a stage folder, its target) of the links the checkpointer makes
+    (re.compile(r"\.?current(\.tmp)?"), re.compile(r"history/step_\d{6}")),
+    (re.compile(r"\.?(?P<name>[^/]+?)(\.tmp)?"), re.compile(r"current/(?P<name>[^/]+)")),
+)
+
+
+def _own_link(rel: tuple[str, ...], target: str) -> bool:
+    """Whether the link at ``rel`` (inside a run) pointing at ``target`` is one that the
+    checkpointer writes: ``<stage>/current`` → ``history/step_NNNNNN`` or
+    ``<stage>/<file>`` → ``current/<file>`` (or their ``.tmp`` of a commit cut short)."""
+    if len(rel) != 2 or rel[0] not in STAGES:
+        return False
+    for name_re, target_re in _OWN_LINKS:
+        name, aim = name_re.fullmatch(rel[1]), target_re.fullmatch(target)
+        if name and aim and name.groupdict().get("name") == aim.groupdict().get("name"):
+            return True
+    return False
+
+
+def check_run_links(run: str | os.PathLike[str]) -> None:
+    """Refuse a run directory that holds a symbolic link vqgen did not make.
+
+    A run directory may come from someone else (a download, a shared folder); a link
+    in it could make vqgen read, write or delete outside it. Every link below ``run``
+    (found with ``lstat``, never followed) must be one of the checkpointer's own
+    (:func:`_own_link`); any other is a :class:`VqgenError` naming the link and its
+    target. ``run`` itself may be a link (the user's choice of where it lives)."""
+    root = Path(run)
+    if not root.is_dir():
+        return
+    for top, dirs, files in os.walk(root):  # never descends through a linked folder
+        for name in (*dirs, *files):
+            path = Path(top) / name
+            if not path.is_symlink():
+                continue
+            target = os.readlink(path)
+            if not _own_link(path.relative_to(root).parts, target):
+                raise VqgenError(
+                    f"{path} is a symbolic link to {target}: a run directory must not hold "
+                    f"links that vqgen did not make (through one, vqgen would read or write "
+                    f"outside {root}); replace it with the file or folder itself, or remove it")
+
+
+def _run_of(path: Path) -> Path | None:
+    """The run directory that ``path`` lies in (a folder with a config.yaml and a stage
+    folder), or None."""
+    for folder in path.parents:
+        if (folder / CONFIG_FILE).is_file() and any((folder / s).is_dir() for s in STAGES):
+            return folder
+    return None
+
+
+def refuse_run_input(path: str | os.PathLike[str], flag: str) -> None:
+    """Refuse an output ``path`` (given with ``flag``, e.g. ``-o``) that is, or lies in,
+    something a run directory reads back (:data:`RUN_INPUTS`): writing it would destroy
+    the run. Checked where the path resolves (an output written through a link lands at
+    its target)."""
+    real = Path(os.path.realpath(path))
+    run = _run_of(real)
+    if run is None:
+        return
+    rel = real.relative_to(run)
+    if rel.parts and rel.parts[0] in RUN_INPUTS:
+        raise VqgenError(
+            f"{flag} {path}: refusing to write {rel} of the run directory {run}; vqgen "
+            "reads it back, so the run would be lost; write somewhere else")
