@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -80,16 +81,42 @@ def _cmd_config_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_kv(pairs: Sequence[str], flag: str = "--param") -> dict[str, Any]:
-    """``["k=v", ...]`` (given with ``flag``) → dict, values read as YAML scalars."""
-    import yaml
+_INT = re.compile(r"[-+]?\d{1,30}")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d{1,4})?")
 
+
+def _scalar(text: str, pair: str, flag: str) -> Any:
+    """One command-line value, read strictly: an integer, a decimal number, ``true`` /
+    ``false``, ``null``, or else text; never YAML (no tags, anchors or nesting)."""
+    t = text.strip()
+    if _INT.fullmatch(t):
+        return int(t)
+    if _FLOAT.fullmatch(t):
+        return float(t)
+    if t.lower() in ("true", "false"):
+        return t.lower() == "true"
+    if t.lower() in ("null", "none", "~"):
+        return None
+    if t[:1] in ("[", "{", "*", "&", "!", "|", ">", "@", "`") or t[-1:] in ("]", "}"):
+        raise VqgenError(f"{flag} {pair}: the value {text!r} is not a single value; give a "
+                         "number, true / false, or text (a list: [a, b] of such values)")
+    return text
+
+
+def _parse_kv(pairs: Sequence[str], flag: str = "--param") -> dict[str, Any]:
+    """``["k=v", ...]`` (given with ``flag``) → dict; each value one scalar
+    (:func:`_scalar`) or a flat list ``[a, b]`` of them."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise VqgenError(f"{flag} expects KEY=VALUE, got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        v = value.strip()
+        if v.startswith("[") and v.endswith("]") and len(v) < 10_000:
+            inner = v[1:-1].strip()
+            out[key] = [_scalar(x, pair, flag) for x in inner.split(",")] if inner else []
+        else:
+            out[key] = _scalar(value, pair, flag)
     return out
 
 
@@ -173,6 +200,7 @@ def _threads(n: int | None) -> int | None:
 
 MAX_SAMPLES = 100_000  # --n: more is a typo, and would fill memory before any output
 MAX_SIDE = 8192  # --size: pixels per side
+MAX_GRID = 1024  # import taming --grid: codes per side
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -332,6 +360,9 @@ def _cmd_import_taming(args: argparse.Namespace) -> int:
     from vqgen.importers.taming import import_taming
 
     grid = tuple(args.grid) if args.grid else None
+    if grid is not None and not all(1 <= g <= MAX_GRID for g in grid):
+        raise VqgenError(f"--grid {grid[0]} {grid[1]}: each side must be 1 to {MAX_GRID} "
+                         "codes (the transformer's latent grid)")
     out = import_taming(args.ckpt, args.config, args.output, grid=grid)
     print(f"imported {args.ckpt} into {out}; sample with `vqgen sample {out}`")
     return 0

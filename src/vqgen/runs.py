@@ -81,9 +81,13 @@ def stage_step(run_dir: Path, stage: str) -> int | None:
             )
         return None
     try:
-        return int(json.loads(meta.read_text(encoding="utf-8"))["step"])
+        step = json.loads(meta.read_text(encoding="utf-8"))["step"]
     except (OSError, ValueError, KeyError, TypeError):
         raise VqgenError(f"{meta} is not a vqgen checkpoint (unreadable or truncated)") from None
+    if type(step) is not int or not 0 <= step < 2**63:
+        raise VqgenError(f"{meta}: step is {step!r}, not a step count (an integer >= 0); the "
+                         "checkpoint is damaged or not vqgen's")
+    return step
 
 
 def _claim(run_dir: Path, config: PipelineConfig, registry: Registry) -> None:
@@ -315,13 +319,18 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
         lock.acquire()
     except filelock.Timeout:
         try:
-            holder = owner.read_text(encoding="utf-8").strip()
+            holder = owner.read_text(encoding="utf-8", errors="replace").strip()[:300]
         except OSError:
             holder = "unknown"
         raise VqgenError(
             f"{run} is in use by another vqgen process ({holder}); wait for it to finish or "
             "stop it, or use another --run-dir"
         ) from None
+    except OSError as exc:  # a folder or unwritable file where the lock goes, a read-only run
+        raise VqgenError(
+            f"cannot lock {run / LOCK_FILE} ({exc.strerror or exc}): training needs a "
+            f"writable run directory with {LOCK_FILE} a plain file (or absent); fix the "
+            "permissions, remove what stands there, or use another --run-dir") from None
     try:
         atomic_write_text(owner, f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n")
         yield

@@ -76,6 +76,7 @@ def _scratch(tmp: Path) -> None:
     _labels(tmp / "seg33.png", 33, 5)  # not a multiple of f = 4
     _labels(tmp / "seg198.png", 32, 200)  # labels beyond n_labels = 5
     _npy(tmp / "lies.npy", (5000, 5000), b"\0" * 16)  # a header promising 100 MB
+    np.save(tmp / "inf.npy", np.full((32, 32), np.inf, np.float32))
     data = tmp / "data"
     for folder in ("images/c0", "images/c1", "segmentation"):
         (data / folder).mkdir(parents=True)
@@ -120,10 +121,74 @@ def _scratch(tmp: Path) -> None:
             "conditioner": {"name": "class"}},
         "folder_n_classes_wrong": {"data": {"name": "folder", "params": {
             "root": str(data), "resolution": 32}}},  # 2 class folders, n_classes: 4
+        # numbers that passed validation and broke at use: bounded where they enter
+        "betas_above_one": _train(tiny, betas=[0.9, 1.5]),
+        "betas_nan": _train(tiny, betas=[float("nan"), 0.9]),
+        "lr_inf": _train(tiny, lr=float("inf")),
+        "seed_huge": _train(tiny, seed=2**63),
+        "device_meta": _train(tiny, device="meta"),
+        "grad_accum_huge": _train(tiny, grad_accum=10**9),
+        "codebook_weight_inf": {"tokenizer": {"name": "vqgan", "params": {
+            **tiny["tokenizer"]["params"], "codebook_weight": float("inf")}}},
+        "out_channels_huge": {"tokenizer": {"name": "vqgan", "params": {
+            **tiny["tokenizer"]["params"], "out_channels": 10**9}}},
+        "shapes_length_huge": {"data": {"name": "shapes", "params": {"length": 10**12}}},
+        "sizes_absurd_together": {"prior": {"name": "gpt", "params": {
+            "n_layer": 256, "n_head": 8, "n_embd": 16384}}},
+        "temperature_denormal": {"sampler": {"name": "top_k", "params": {
+            "k": 8, "temperature": 1e-320}}},
+        "k_boolean": {"sampler": {"name": "top_k", "params": {"k": True}}},
     }.items():
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump({**tiny, **change}))
+    (tmp / "weight_decay_infinity.json").write_text(  # JSON's Infinity
+        json.dumps({**tiny, **_train(tiny, weight_decay=float("inf"))}))
     os.mkfifo(tmp / "fifo")
     (tmp / "dir.png").mkdir()
+
+
+def _train(tiny: dict, **prior: object) -> dict:
+    """A ``train`` section: the tiny config's with ``prior`` settings changed."""
+    return {"train": {**tiny["train"], "prior": {**tiny["train"]["prior"], **prior}}}
+
+
+def _state(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    """Damage the prior's train_state.pt with ``change`` and give the prior two more
+    steps, so that ``--resume`` reads it."""
+    import torch
+
+    def damage(run: Path) -> None:
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["train"]["prior"]["steps"] = 6
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        target = (run / "prior" / "train_state.pt").resolve()
+        state = torch.load(target, weights_only=True)
+        change(state)
+        target.unlink()  # hard-linked into best/: write a new file
+        torch.save(state, target)
+    return damage
+
+
+def _moment_of_wrong_shape(state: dict) -> None:
+    import torch
+
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+_HELD: list[object] = []  # locks held by a case while its command runs
+
+
+def _lock_held_with_binary_owner(run: Path) -> None:
+    import filelock
+
+    lock = filelock.FileLock(str(run / ".lock"), timeout=0)
+    lock.acquire()
+    _HELD.append(lock)
+    (run / ".lock.owner").write_bytes(b"\xff\xfe\x00 binary \x80")
+
+
+def _lock_is_a_folder(run: Path) -> None:
+    (run / ".lock").unlink(missing_ok=True)
+    (run / ".lock").mkdir()
 
 
 def _unlink_real(rel: str) -> Callable[[Path], None]:
@@ -158,6 +223,7 @@ class Case:
 
 SAMPLE = ["sample", "{run}", "-o", "{tmp}/out.png"]
 RESUME = ["train", "{run}/config.yaml", "--run-dir", "{run}", "--resume"]
+TRAIN = RESUME[:-1]
 
 CASES = [
     # numbers on the sample command line
@@ -276,6 +342,61 @@ CASES = [
     Case("from_run_not_a_run", ["train", "{run}/config.yaml", "--run-dir", "{tmp}/fresh",
                                 "--from-run", "{tmp}/nothing"],
          ["--from-run {tmp}/nothing", "not a vqgen run directory"]),
+    # numbers bounded where they enter
+    *[Case(f"config_{name}", ["config", "validate", f"{{tmp}}/{name}.yaml"], says)
+      for name, says in [
+          ("betas_above_one", ["train.prior.betas"]),
+          ("betas_nan", ["train.prior.betas"]),
+          ("lr_inf", ["train.prior.lr", "finite"]),
+          ("seed_huge", ["train.prior.seed"]),
+          ("device_meta", ["train.prior.device", "'meta'"]),
+          ("grad_accum_huge", ["train.prior.grad_accum"]),
+          ("codebook_weight_inf", ["tokenizer.params.codebook_weight", "finite"]),
+          ("out_channels_huge", ["tokenizer.params.out_channels"]),
+          ("shapes_length_huge", ["data.params.length"]),
+          ("sizes_absurd_together", ["prior.params", "parameters"]),
+          ("temperature_denormal", ["sampler.params.temperature"]),
+          ("k_boolean", ["sampler.params", "k: true is a boolean"]),
+      ]],
+    Case("config_json_infinity", ["config", "validate", "{tmp}/weight_decay_infinity.json"],
+         ["train.prior.weight_decay", "finite"]),
+    Case("temperature_tiny", [*SAMPLE, "--temperature", "1e-300"], ["temperature"]),
+    Case("guidance_huge", [*SAMPLE, "--guidance", "1e300"],
+         ["guidance must be a finite number in [0, 100]"]),
+    Case("class_id_2_pow_63", [*SAMPLE, "--class", str(2**63)], ["--class", "0..3"]),
+    *[Case(f"sampler_param_{name}", [*SAMPLE, "--sampler-param", f"k={value}"], says)
+      for name, value, says in [
+          ("unclosed_list", "[1", ["--sampler-param k=[1", "not a single value"]),
+          ("alias", "*nope", ["--sampler-param k=*nope", "not a single value"]),
+          ("deep_list", "[" * 200 + "]" * 200, ["not a single value"]),
+          ("boolean", "true", ["k: true is a boolean"]),
+          ("tag", "!!python/object:os.system", ["not a single value"]),
+      ]],
+    Case("meta_step_infinity", SAMPLE, ["{run}/prior", "step is inf"],
+         damage=_write("prior/meta.json", json.dumps({"step": float("inf")}))),
+    # a damaged train state is checked against the model before it is used
+    *[Case(f"train_state_{name}", RESUME, ["train_state.pt cannot be resumed from", *says],
+           damage=_state(change))
+      for name, change, says in [
+          ("moment_of_wrong_shape", _moment_of_wrong_shape,
+           ["'exp_avg' of parameter 0 has shape (3,)"]),
+          ("optimizer_empty", lambda s: s.update(optimizer={}), ["'optimizer'"]),
+          ("param_groups_doubled", lambda s: s["optimizer"].update(
+              param_groups=s["optimizer"]["param_groups"] * 2), ["parameter groups"]),
+          ("rng_missing", lambda s: s.pop("rng"), ["'rng'"]),
+          ("rng_wrong_size", lambda s: s["rng"].update(torch=s["rng"]["torch"][:10]),
+           ["'rng'"]),
+          ("generator_bad", lambda s: s.update(generator=s["generator"][:3]), ["generator"]),
+      ]],
+    Case("depth_cond_infinite", [*SAMPLE, "--cond", "depth={tmp}/inf.npy"],
+         ["{tmp}/inf.npy", "infinite"], run="seg"),
+    Case("import_grid_huge", ["import", "taming", "{tmp}/seven.txt", "--config",
+                              "{tmp}/seven.txt", "-o", "{tmp}/imported", "--grid", "100000",
+                              "100000"], ["--grid 100000 100000", "1 to 1024"]),
+    # the run lock
+    Case("lock_is_a_folder", TRAIN, ["cannot lock {run}/.lock"], damage=_lock_is_a_folder),
+    Case("lock_owner_binary_while_held", TRAIN, ["in use by another vqgen process"],
+         damage=_lock_held_with_binary_owner),
     # data
     Case("training_labels_out_of_range",
          ["train", "{tmp}/bad_labels.yaml", "--run-dir", "{tmp}/fresh"],
@@ -312,7 +433,11 @@ def test_hostile_cli_input_exits_2_names_the_culprit_and_changes_nothing(
         return s.replace("{run}", str(run)).replace("{tmp}", str(scratch))
 
     capsys.readouterr()
-    code = main([fill(a) for a in case.argv])
+    try:
+        code = main([fill(a) for a in case.argv])
+    finally:
+        while _HELD:
+            _HELD.pop().release()  # type: ignore[attr-defined]
     err = capsys.readouterr().err
     assert code == 2, err
     assert "Traceback" not in err and "\nvqgen: error: " in f"\n{err}", err

@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from vqgen.core.errors import VqgenError
+from vqgen.core.interfaces import refuse_bools_for_numbers
 from vqgen.core.io import atomic_write_text
 from vqgen.core.registry import Registry, default_registry, format_validation_error
 from vqgen.core.wiring import wire_config
@@ -84,7 +85,12 @@ class ConfigError(VqgenError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        return refuse_bools_for_numbers(cls, data)
 
 
 class ComponentSpec(_Strict):
@@ -97,17 +103,20 @@ class ComponentSpec(_Strict):
 class StageTrainConfig(_Strict):
     """Optimisation settings of one training stage."""
 
-    steps: int = Field(1000, ge=0)
-    batch_size: int = Field(32, ge=1)
-    lr: float | None = Field(None, gt=0, description="absolute learning rate; overrides base_lr")
+    steps: int = Field(1000, ge=0, le=10**9)
+    batch_size: int = Field(32, ge=1, le=1 << 20)
+    lr: float | None = Field(None, gt=0, le=10.0,
+                             description="absolute learning rate; overrides base_lr")
     base_lr: float = Field(
-        4.5e-6, gt=0, description="learning rate per sample: lr = base_lr × batch × accum × world"
+        4.5e-6, gt=0, le=1.0,
+        description="learning rate per sample: lr = base_lr × batch × accum × world"
     )
-    grad_accum: int = Field(1, ge=1)
-    seed: int = 0
-    betas: tuple[float, float] | None = Field(
-        None, description="Adam betas; unset: the stage's default (train.tokenizer / "
-        "train.cond: 0.5, 0.9; train.prior: 0.9, 0.95)"
+    grad_accum: int = Field(1, ge=1, le=4096, description="micro-batches per step")
+    seed: int = Field(0, ge=0, lt=2**63)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)],
+                 Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
+        None, description="Adam betas, each in [0, 1); unset: the stage's default "
+        "(train.tokenizer / train.cond: 0.5, 0.9; train.prior: 0.9, 0.95)"
     )
     optimizer: Literal["adam", "adamw", "sgd"] | None = Field(
         None, description="adam, adamw (decoupled weight decay) or sgd (plain); unset: the "
@@ -120,17 +129,19 @@ class StageTrainConfig(_Strict):
     checkpoint_every: int = Field(
         0, ge=0, description="steps between checkpoints; 0 = only at the end"
     )
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda:1', …")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d{1,3}|mps)$",
+                        description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', "
+                        "'mps'")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     input_key: str | None = Field(
         None, description="batch key the tokenizer trains on; unset: the tokenizer's default"
     )
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="linear learning-rate warm-up steps")
     lr_schedule: Literal["constant", "cosine"] | None = Field(
         None, description="after warm-up: constant, or cosine decay to 10 % by the last "
         "step; unset: the stage's default (tokenizer: constant, as taming; prior: cosine)"
     )
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decay on weights (prior)")
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0, description="AdamW decay on weights (prior)")
     grad_clip: float = Field(1.0, gt=0.0, description="gradient-norm clipping (prior)")
     cond_dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="probability of training a sample unconditionally"

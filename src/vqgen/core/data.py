@@ -101,6 +101,9 @@ def load_depth_map(path: Path) -> np.ndarray:
     """A depth map as ``float32 [H, W]`` in ``[0, 1]`` (see the module docstring)."""
     if path.suffix.lower() == ".npy":
         a = read_npy_map(path)  # (H, W)
+        if np.isinf(a).any() or np.isnan(a).all():
+            raise ValueError("it holds infinite values" if np.isinf(a).any()
+                             else "every value is NaN")
         lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
         a = np.nan_to_num(a, nan=hi)
         return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)

@@ -18,10 +18,10 @@ import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
 from vqgen.core.errors import VqgenError
@@ -56,10 +56,35 @@ __all__ = [
 ]
 
 
-class ParamsModel(BaseModel):
-    """Base of every component's ``Params``: unknown fields are an error."""
+def _accepts_bool(annotation: Any) -> bool:
+    """Whether a field's type admits ``True`` / ``False`` as such (not as 1 / 0)."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_accepts_bool(a) for a in get_args(annotation))
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+def refuse_bools_for_numbers(model: type[BaseModel], data: Any) -> Any:
+    """``data`` for ``model``, refusing ``true`` / ``false`` given for a number field
+    (pydantic would read them as 1 / 0: ``k=true`` is a typo, not k = 1)."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            field = model.model_fields.get(name)
+            if isinstance(value, bool) and field is not None \
+                    and not _accepts_bool(field.annotation):
+                raise ValueError(f"{name}: {str(value).lower()} is a boolean; give a number")
+    return data
+
+
+class ParamsModel(BaseModel):
+    """Base of every component's ``Params``: unknown fields are an error, and so are
+    non-finite numbers (``inf``, ``nan``) and booleans where a number is expected."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        return refuse_bools_for_numbers(cls, data)
 
 
 class NoParams(ParamsModel):

@@ -78,6 +78,10 @@ class Generation:
     acceptance: float | None = None  # rejection sampling: kept / drawn
 
 
+#: the largest classifier-free guidance scale (beyond it the logits overflow: no sample)
+MAX_GUIDANCE = 100.0
+
+
 def window_origin(i: int, size: int, window: int) -> int:
     """First row (or column) of the ``window``-long window that predicts cell ``i`` of a
     ``size``-long axis: centred on ``i`` where possible, clamped at the borders."""
@@ -310,8 +314,9 @@ class Pipeline(nn.Module):
         takes the pipeline's ``guidance`` (the config's ``sampling.guidance``).
         """
         guidance = self.guidance if guidance is None else float(guidance)
-        if not math.isfinite(guidance):
-            raise VqgenError(f"guidance must be a finite number, got {guidance}")
+        if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+            raise VqgenError(f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], "
+                             f"got {guidance}")
         if n < 1:
             raise VqgenError(f"n must be at least 1, got {n}")
         sampler = sampler or self.sampler

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import torch
@@ -137,6 +138,51 @@ def wire_config(cfg: PipelineConfig, registry: Registry) -> Problems:
         _rewire(registry, "prior", cfg.prior, "prior", sizes)
     except _Stop as stop:
         problems += stop.problems
+    if not problems:
+        problems += _sizes_that_fit(cfg, registry)
+    return problems
+
+
+#: the most parameters one component may have: a few times the largest published
+#: image priors (LlamaGen 3.1 B); beyond it a config holds a typo, not a model
+MAX_PARAMETERS = 20_000_000_000
+#: bytes per parameter to train with Adam in fp32: weights, gradients, two moments
+TRAIN_BYTES_PER_PARAMETER = 16
+
+
+def _machine_memory() -> int | None:
+    """This machine's physical memory in bytes, where the OS says."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _sizes_that_fit(cfg: PipelineConfig, registry: Registry) -> Problems:
+    """Components whose parameter count (counted on the meta device, no memory) is
+    absurd, or, for a stage set to train on the CPU, too large for this machine."""
+    problems: Problems = []
+    memory = _machine_memory()
+    for section, kind, stage in (("tokenizer", "tokenizer", "tokenizer"),
+                                 ("prior", "prior", "prior")):
+        spec = getattr(cfg, section)
+        if spec is None:
+            continue
+        try:
+            module = _build(registry, kind, spec, section)
+        except _Stop as stop:
+            problems += stop.problems
+            continue
+        n = sum(p.numel() for p in module.parameters()) if hasattr(module, "parameters") \
+            else 0
+        need = n * TRAIN_BYTES_PER_PARAMETER
+        if n > MAX_PARAMETERS:
+            problems.append((f"{section}.params", f"these sizes make about {n:.3g} parameters "
+                             f"(more than {MAX_PARAMETERS:.0e}); check them for a typo"))
+        elif (memory and getattr(cfg.train, stage).device == "cpu" and need > memory):
+            problems.append((f"{section}.params", f"these sizes make about {n:.3g} parameters,"
+                             f" about {need / 2**30:.0f} GiB to train with Adam on the CPU, "
+                             f"more than this machine's {memory / 2**30:.0f} GiB"))
     return problems
 
 

@@ -227,7 +227,8 @@ class ShapesDataset(Component, Dataset):
 
     class Params(ParamsModel):
         resolution: int = Field(32, ge=32, le=256)
-        length: int = Field(10000, ge=1)
+        length: int = Field(10000, ge=1, le=10_000_000,
+                            description="samples per split (generated on the fly)")
         seed: int = Field(0, ge=0)
         split: Literal["train", "val"] = "train"
         max_shapes: int = Field(1, ge=1, le=4)

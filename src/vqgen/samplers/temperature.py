@@ -33,7 +33,8 @@ class Temperature(Sampler):
 
     class Params(ParamsModel):
         temperature: float = Field(
-            1.0, gt=0, allow_inf_nan=False, description="divide the logits by this (> 0)"
+            1.0, ge=1e-3, le=1e3, allow_inf_nan=False,
+            description="divide the logits by this, in [0.001, 1000]"
         )
 
     def __init__(self, temperature: float = 1.0) -> None:

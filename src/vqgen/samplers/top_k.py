@@ -65,7 +65,8 @@ class TopK(Sampler):
             "a list spreads several k over a batch: row b of B uses k[b * len(k) // B]",
         )
         temperature: float = Field(
-            1.0, gt=0, allow_inf_nan=False, description="divide the logits by this (> 0)"
+            1.0, ge=1e-3, le=1e3, allow_inf_nan=False,
+            description="divide the logits by this, in [0.001, 1000]"
         )
 
         @field_validator("k")

@@ -51,7 +51,8 @@ class TopP(Sampler):
     class Params(ParamsModel):
         p: float = Field(0.9, gt=0, le=1, description="probability mass of the nucleus, in (0, 1]")
         temperature: float = Field(
-            1.0, gt=0, allow_inf_nan=False, description="divide the logits by this (> 0)"
+            1.0, ge=1e-3, le=1e3, allow_inf_nan=False,
+            description="divide the logits by this, in [0.001, 1000]"
         )
         top_k: PositiveInt | None = Field(
             None, description="if set, keep only the top_k most likely ids before the nucleus"

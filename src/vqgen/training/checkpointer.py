@@ -35,7 +35,7 @@ from vqgen.core.checkpoint import (
     save_tensors,
     set_rng_state,
 )
-from vqgen.core.layout import META_FILE, STATE_FILE, WEIGHTS_FILE
+from vqgen.core.layout import HISTORY_DIR, META_FILE, STATE_FILE, WEIGHTS_FILE
 
 __all__ = ["Checkpointer"]
 
@@ -87,9 +87,28 @@ class Checkpointer:
         if meta.get("step") != state.get("step"):
             raise CheckpointError(f"{d}: meta.json and train_state.pt disagree on the step; "
                                   "the checkpoint is incomplete")
+        if type(state["step"]) is not int or state["step"] < 0:
+            raise self.damaged(f"its step is {state['step']!r}")
+        rng = state.get("rng")
+        own = torch.get_rng_state()
+        if not (isinstance(rng, Mapping) and isinstance(rng.get("torch"), torch.Tensor)
+                and rng["torch"].dtype == own.dtype and rng["torch"].shape == own.shape):
+            raise self.damaged("its random number generator state ('rng') is missing or "
+                               "malformed")
         load_weights(self.module, d / WEIGHTS_FILE, device)
         for other_name, other in self.others.items():
             load_weights(other, d / f"{other_name}.safetensors", device)
-        restore_buffers(self.module, state.get("buffers", {}))
-        set_rng_state(state["rng"])
+        try:
+            restore_buffers(self.module, state.get("buffers", {}))
+            set_rng_state(rng)
+        except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            raise self.damaged(str(exc)) from None
         return state
+
+    def damaged(self, why: str) -> CheckpointError:
+        """The error for a train state that cannot be resumed from, naming its file."""
+        assert self.root is not None
+        return CheckpointError(
+            f"{checkpoint_dir(self.root) / STATE_FILE} cannot be resumed from: {why}. The "
+            f"checkpoint is damaged; resume from a whole one in {self.root / HISTORY_DIR} "
+            "(point current at it), or train the stage afresh in a new run directory")

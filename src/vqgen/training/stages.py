@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vqgen.core.checkpoint import CheckpointError
 from vqgen.core.config import PipelineConfig, StageTrainConfig
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import InitFromCodeVectors
@@ -41,7 +42,10 @@ def _run(obj: Objective, rt: Runtime, ckpt: Checkpointer, run: Path | None,
     start = 0
     if resume and (state := ckpt.load(rt.device)) is not None:
         start = int(state["step"])
-        obj.load_state_dict(state)
+        try:
+            obj.load_state_dict(state)
+        except CheckpointError as exc:
+            raise ckpt.damaged(str(exc)) from None
     obj.start(start)
     if not rt.main:
         ckpt.root = None

@@ -121,7 +121,7 @@ class _ImageParams(ParamsModel):
     """The channels and training loss of an image VQGAN (``vqgan``, ``vqgan_gumbel``)."""
 
     in_channels: int = Field(3, ge=1, le=1024)
-    out_channels: int = Field(0, ge=0, description="0 = same as in_channels")
+    out_channels: int = Field(0, ge=0, le=1024, description="0 = same as in_channels")
     rec_loss: Literal["l1", "l2"] = Field(
         "l1", description="pixel reconstruction loss: l1 (taming) or l2 (mean squared "
         "error, which optimises PSNR directly and learns faster on small CPU budgets)"

@@ -28,7 +28,13 @@ from vqgen.core.pipeline import Pipeline
 from vqgen.core.registry import Registry
 from vqgen.training.batches import batch_stream
 from vqgen.training.objective import Objective, Optim, StepOutput, lr_at
-from vqgen.training.optim import make_optimizer, optimizer_groups, resolve_lr
+from vqgen.training.optim import (
+    load_generator,
+    load_optimizer,
+    make_optimizer,
+    optimizer_groups,
+    resolve_lr,
+)
 from vqgen.training.runtime import Runtime
 from vqgen.training.tokens import TokenCache
 
@@ -220,6 +226,6 @@ class PriorObjective(Objective):
         return {"optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.opt.load_state_dict(state["optimizer"])
+        load_optimizer(self.opt, state.get("optimizer"), "optimizer")
         if "generator" in state:
-            self.gen.set_state(state["generator"])
+            load_generator(self.gen, state["generator"], "generator")

@@ -29,7 +29,7 @@ from vqgen.core.interfaces import Adversarial, Fitted, cond_stage_tokenizer
 from vqgen.core.registry import Registry
 from vqgen.training.batches import batch_stream
 from vqgen.training.objective import Objective, Optim, StepOutput, lr_at
-from vqgen.training.optim import make_optimizer, resolve_lr
+from vqgen.training.optim import load_generator, load_optimizer, make_optimizer, resolve_lr
 from vqgen.training.runtime import Runtime, seed_everything
 
 __all__ = ["AdversarialObjective", "FittedObjective", "stage1_objective"]
@@ -153,7 +153,7 @@ class FittedObjective(_Stage1):
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        load_generator(self.generator, state.get("generator"), "generator")
 
 
 class AdversarialObjective(_Stage1):
@@ -224,9 +224,9 @@ class AdversarialObjective(_Stage1):
                 "opt_d": self.opt_d.state_dict() if self.opt_d is not None else {}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.opt_g.load_state_dict(state["opt_g"])
+        load_optimizer(self.opt_g, state.get("opt_g"), "opt_g")
         if self.opt_d is not None:
-            self.opt_d.load_state_dict(state["opt_d"])
+            load_optimizer(self.opt_d, state.get("opt_d"), "opt_d")
 
 
 def stage1_objective(config: PipelineConfig, registry: Registry, stage: str,
