@@ -142,3 +142,31 @@ def test_a_masked_prior_completes_from_any_ordering() -> None:
         else:
             out = pipe.generate(2, [0, 1], prefix=prefix, seed=0).codes
             assert torch.equal(out[:, :1], prefix.expand(2, -1, -1))
+
+
+@pytest.mark.parametrize("name", ["gpt", "pixelsnail", "maskgit"])
+def test_generate_keeps_any_known_cells(name: str) -> None:
+    """``generate(known=...)``: inpainting on the training grid, known cells unchanged,
+    reproducible; the top rows as ``known`` equal ``prefix``; bad grids named."""
+    pipe = pipeline(tiny(name))
+    h, w = pipe.grid
+    known = torch.full((2, h, w), -1, dtype=torch.long)
+    known[0, 1, 2], known[0, h - 1, 0], known[1, 0, w - 1] = 3, 5, 7  # scattered cells
+    out = pipe.generate(2, [0, 3], seed=4, known=known).codes
+    mask = known >= 0
+    assert torch.equal(out[mask], known[mask])
+    assert torch.equal(out, pipe.generate(2, [0, 3], seed=4, known=known).codes)
+    full = torch.randint(0, pipe.tokenizer.vocab_size, (1, h, w))
+    assert torch.equal(pipe.generate(2, [1, 2], seed=0, known=full).codes, full.expand(2, -1, -1))
+    rows = torch.full((1, h, w), -1, dtype=torch.long)
+    rows[:, :1] = torch.ones(1, 1, w, dtype=torch.long)
+    assert torch.equal(pipe.generate(2, [1, 2], seed=1, known=rows).codes,
+                       pipe.generate(2, [1, 2], seed=1, prefix=torch.ones(1, 1, w,
+                                                                           dtype=torch.long)).codes)
+    for bad, says in [(torch.full((1, h + 1, w), -1), "code grid"),
+                      (torch.full((1, h, w), 10**6), "not a code"),
+                      (torch.full((1, h, w), 0.5), "integer codes")]:
+        with pytest.raises(vqgen.VqgenError, match=says):
+            pipe.generate(1, [0], known=bad)
+    with pytest.raises(vqgen.VqgenError, match="not both"):
+        pipe.generate(1, [0], known=rows, prefix=rows[:, :1])

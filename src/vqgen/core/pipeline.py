@@ -300,13 +300,19 @@ class Pipeline(nn.Module):
         prefix: torch.Tensor | None = None,
         batch_size: int | None = None,
         guidance: float | None = None,
+        known: torch.Tensor | None = None,
     ) -> Generation:
         """Sample ``n`` images.
 
         ``size`` is the image size ``(H, W)`` in pixels (default: a spatial
         condition's size, else the training grid; see :meth:`condition_canvas`);
         ``prefix`` is a partial code grid ``[n or 1, r, w]`` of the top ``r`` rows to
-        complete; ``seed`` makes the draw reproducible. With a rejection sampler the
+        complete (any canvas); ``known`` is a code grid ``[n or 1, h, w]`` of the
+        training grid with ``-1`` where a cell is to be drawn, any cells known
+        (inpainting): a masked prior sees every known cell from its first round, an
+        autoregressive one each known cell once its ordering reaches it (the cells
+        before it are drawn without seeing it). Known cells come back unchanged.
+        ``seed`` makes the draw reproducible. With a rejection sampler the
         result also carries the acceptance rate achieved. ``guidance`` is the
         classifier-free guidance scale ``s``: each step samples from
         ``uncond + s · (cond − uncond)`` logits, the unconditional ones computed with
@@ -331,6 +337,10 @@ class Pipeline(nn.Module):
                 f"is {h}x{w} latents; give a condition of the canvas size (or leave size out)"
             )
         prefix = self._check_prefix(prefix, n, h, w)
+        if known is not None:
+            if prefix is not None:
+                raise VqgenError("give prefix rows or a known grid, not both")
+            known = self._check_known(known, n, h, w)
         if guidance != 1.0 and (self.conditioner is None or self.conditioner.null_id is None):
             raise VqgenError(
                 "classifier-free guidance needs a conditioner with a null token, and a prior "
@@ -346,7 +356,7 @@ class Pipeline(nn.Module):
             sub = {k: v[idx] if isinstance(v, torch.Tensor) else v for k, v in (cond or {}).items()}
             pre = prefix[idx] if prefix is not None else None
             request = _Draw(self._require_prior(), len(idx), sub or None, sampler, gen, pre,
-                            guidance)
+                            guidance, known[idx] if known is not None else None)
             codes = self._sample_codes(request, h, w)
             return self.to_images(self.tokenizer.decode(codes)), codes
 
@@ -421,6 +431,28 @@ class Pipeline(nn.Module):
             )
         return prefix.expand(n, -1, -1).to(self.device)
 
+    def _check_known(self, known: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+        """``known`` as ``[n, h, w]`` int64 on the pipeline's device, checked: the training
+        grid's shape, codes of the tokenizer or -1."""
+        known = torch.as_tensor(known)
+        if known.ndim == 2:
+            known = known[None]
+        if (h, w) != self.grid:
+            raise VqgenError(f"known cells are given on the training grid "
+                             f"{self.grid[0]}x{self.grid[1]}; for a {h}x{w} canvas give "
+                             "prefix rows")
+        if known.ndim != 3 or tuple(known.shape[1:]) != (h, w) or known.shape[0] not in (1, n):
+            raise VqgenError(f"known must be a code grid [{n} or 1, {h}, {w}] with -1 where a "
+                             f"cell is drawn; got {tuple(known.shape)}")
+        if known.is_floating_point() or known.dtype == torch.bool:
+            raise VqgenError(f"known must hold integer codes, got dtype {known.dtype}")
+        vocab = self.tokenizer.vocab_size
+        bad = (known < -1) | (known >= vocab)
+        if bool(bad.any()):
+            raise VqgenError(f"known holds {int(known[bad][0])}, not a code in [0, {vocab}) "
+                             "or -1 (to be drawn)")
+        return known.long().expand(n, -1, -1).to(self.device)
+
     def _sample_codes(self, d: _Draw, h: int, w: int) -> torch.Tensor:
         """``[b, h, w]`` codes: the prior decodes the training grid, else sliding."""
         if (h, w) == self.grid:
@@ -451,11 +483,11 @@ class Pipeline(nn.Module):
     def _sample_cached(self, d: _Draw, h: int, w: int) -> torch.Tensor:
         """The training grid, decoded by the prior from one :class:`Decoding` request."""
         c = self.cond_tokens(d.cond)  # (b, Lc) or None
-        known = None
-        if d.prefix is not None:  # the top rows known, the rest -1, in sequence order
+        grid = d.known  # (b, h, w), -1 = to be drawn
+        if d.prefix is not None:  # the top rows known, the rest -1
             grid = torch.full((d.b, h, w), -1, dtype=torch.long, device=d.prefix.device)
             grid[:, : d.prefix.shape[1]] = d.prefix
-            known = self.ordering.flatten(grid)  # (b, h*w)
+        known = self.ordering.flatten(grid) if grid is not None else None  # (b, h*w)
         guided = d.guidance != 1.0 and c is not None
         request = Decoding(
             batch_size=d.b, length=h * w, sampler=d.sampler, cond=c,
@@ -514,7 +546,8 @@ class Pipeline(nn.Module):
 @dataclass
 class _Draw:
     """One batch of sampling, besides its canvas: ``b`` samples from ``prior`` under
-    ``cond`` with ``sampler`` and ``gen``, a known ``prefix`` of rows, the guidance."""
+    ``cond`` with ``sampler`` and ``gen``, a known ``prefix`` of rows or ``known`` cells,
+    the guidance."""
 
     prior: Prior
     b: int
@@ -523,6 +556,7 @@ class _Draw:
     gen: torch.Generator | None
     prefix: torch.Tensor | None  # (b, r, w) known top rows, or None
     guidance: float = 1.0
+    known: torch.Tensor | None = None  # (b, h, w) known cells of the training grid, -1 else
 
 
 def _guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
