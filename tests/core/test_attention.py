@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+import vqgen
+from vqgen.cli import main
 from vqgen.core import attention as attn_mod
 from vqgen.core.attention import attention, resolve_backend, xformers_available
+from vqgen.core.errors import VqgenError
 
 CPU = torch.device("cpu")
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def qkv(
@@ -112,8 +119,63 @@ def test_unknown_backend_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_xformers_on_cpu_is_a_clear_error() -> None:
     q, k, v = qkv(3, 3)
-    with pytest.raises(RuntimeError, match="xformers.*CUDA"):
+    with pytest.raises(VqgenError, match="xformers needs a CUDA device.*cpu"):
         attention(q, k, v, backend="xformers")
+
+
+CUDA = torch.device("cuda")  # a device object: nothing runs on it in these tests
+
+
+@pytest.mark.parametrize("status, faster, want", [
+    ((True, "runs"), True, "xformers"),  # runs and is faster: chosen
+    ((True, "runs"), False, "sdpa"),  # runs but slower: sdpa
+    ((False, "no kernels"), True, "sdpa"),  # cannot run: sdpa (auto may fall back)
+])
+def test_auto_picks_xformers_only_where_it_runs_and_is_faster(
+        status: tuple[bool, str], faster: bool, want: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    timed: list[str] = []
+    monkeypatch.setattr(attn_mod, "xformers_status", lambda: status)
+    monkeypatch.setattr(attn_mod, "xformers_faster",
+                        lambda device: timed.append(device) or faster)
+    monkeypatch.delenv("VQGEN_ATTENTION", raising=False)
+    assert resolve_backend("auto", CUDA) == want
+    assert timed == (["cuda"] if status[0] else [])  # timed only where it runs
+    assert resolve_backend("auto", CPU) == "sdpa"  # never xformers on the CPU
+
+
+def test_explicit_xformers_that_cannot_run_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    why = ("xformers 0.0.99 is installed but its kernels do not run on this device "
+           "(NotImplementedError: no operator found)")
+    monkeypatch.setattr(attn_mod, "xformers_status", lambda: (False, why))
+    with pytest.raises(VqgenError, match=r"xformers cannot run here: xformers 0\.0\.99 .*"
+                       r"no operator found"):
+        resolve_backend("xformers", CUDA)
+    monkeypatch.setattr(attn_mod, "xformers_status", lambda: (True, "runs"))
+    assert resolve_backend("xformers", CUDA) == "xformers"  # kept, never replaced
+
+
+def test_xformers_status_without_cuda_names_the_reason() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    runs, why = attn_mod.xformers_status()
+    assert not runs and "no CUDA device" in why
+
+
+def test_the_prior_stage_reports_its_backend_and_refuses_one_that_cannot_run(
+        tmp_path: Path) -> None:
+    cfg = yaml.safe_load(TINY.read_text())
+    run = tmp_path / "run"
+    assert main(["train", str(TINY), "--run-dir", str(run)]) == 0
+    prior = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["stage"] == "prior"]
+    assert prior and all(r["attention"] == "sdpa" for r in prior)  # auto on the CPU
+    cfg["prior"]["params"]["attention"] = "xformers"
+    path = tmp_path / "x.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(VqgenError, match="xformers needs a CUDA device"):
+        vqgen.train(path, tmp_path / "x", stages=("tokenizer", "prior"))
+    assert not (tmp_path / "x" / "prior").exists()  # refused before the prior trained
 
 
 @pytest.mark.parametrize(("tq", "tk"), [(64, 64), (1, 64), (8, 40)])

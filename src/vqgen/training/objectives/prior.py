@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from vqgen.core.attention import resolve_backend
 from vqgen.core.config import PipelineConfig
 from vqgen.core.data import held_out_dataset
 from vqgen.core.interfaces import Autoregressive
@@ -183,6 +184,10 @@ class PriorObjective(Objective):
         self.base_lr = resolve_lr(cfg, rt.info.world)
         self.opt = make_optimizer(cfg, optimizer_groups(prior, cfg.weight_decay), self.base_lr)
         self.gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
+        # the attention backend, resolved before training: an explicit one that cannot run
+        # here is an error now, and the metrics say which one `auto` chose
+        chosen = getattr(getattr(prior, "params", None), "attention", None)
+        self.attention = resolve_backend(chosen, rt.device) if isinstance(chosen, str) else None
 
     def start(self, start: int) -> None:
         """After a restored checkpoint: per-rank streams, training mode, DDP, compile."""
@@ -215,7 +220,10 @@ class PriorObjective(Objective):
         return StepOutput([loss], {self.loss_name: loss.detach()})
 
     def record(self, logs: Mapping[str, float]) -> dict[str, Any]:
-        return {f"{self.loss_name}_nats": logs[self.loss_name]}
+        out: dict[str, Any] = {f"{self.loss_name}_nats": logs[self.loss_name]}
+        if self.attention is not None:
+            out["attention"] = self.attention
+        return out
 
     def evaluate(self, done: int) -> dict[str, float]:
         if self.held_cache is None:
