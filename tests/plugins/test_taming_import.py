@@ -26,6 +26,16 @@ import vqgen
 from vqgen.core.checkpoint import load_component
 from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import signature_problems
+from vqgen.core.layout import (
+    BEST_DIR,
+    CONFIG_FILE,
+    CURRENT,
+    HISTORY_DIR,
+    META_FILE,
+    STAGES,
+    STATE_FILE,
+    WEIGHTS_FILE,
+)
 from vqgen.core.pipeline import Pipeline
 from vqgen.importers.taming import VQGANGumbel, import_taming
 
@@ -603,6 +613,50 @@ def test_segmentation_conditional_transformer(tmp_path: Path, reg: vqgen.Registr
     assert torch.equal(c, c_ref)
     torch.testing.assert_close(pipe.prior.logits(seq, c), ref.logits(ref.z_indices(x), c_ref),
                                atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_imported_run_has_the_checkpoint_layout(tmp_path: Path, reg: vqgen.Registry) -> None:
+    """Every stage is a finished checkpoint, at the step the config's train section gives."""
+    dd = {**DD, "in_channels": 5, "out_ch": 5, "attn_resolutions": []}
+    cond_ref = TVQModel("seg", dd=dd, n_embed=12, loss=False, seed=3)
+    ref = TNet2Net(cond_ref, block_size=32, permute=True).eval()
+    cond_cfg = vq_config("seg", dd=dd)
+    cond_cfg["params"]["n_embed"] = 12
+    ckpt, cfgp = write(tmp_path, ref, net2net_config(cond_cfg, 32, True,
+                                                     cond_stage_key="segmentation"))
+    run = import_taming(ckpt, cfgp, tmp_path / "run", reg)
+    train = yaml.safe_load((run / CONFIG_FILE).read_text())["train"]
+    assert set(STAGES) <= set(train) and train["prior"]["steps"] == 1234
+    for stage in STAGES:
+        folder, step = run / stage, train[stage]["steps"]
+        name = f"step_{step:06d}"
+        unit = (folder / HISTORY_DIR / name).resolve()
+        assert (folder / CURRENT).is_symlink()
+        assert (folder / CURRENT).readlink() == Path(HISTORY_DIR) / name
+        assert sorted(p.name for p in (folder / HISTORY_DIR).iterdir()) == [name]
+        assert json.loads((folder / META_FILE).read_text())["step"] == step
+        assert (folder / WEIGHTS_FILE).resolve() == unit / WEIGHTS_FILE
+        assert not (folder / STATE_FILE).exists() and not (unit / STATE_FILE).exists()
+        assert not (folder / BEST_DIR).exists()
+    pipe = load(run, reg)
+    sd = ref.state_dict()  # the loaded weights are taming's, bit for bit
+    for prefix, module in (("first_stage_model.", pipe.tokenizer), ("transformer.", pipe.prior),
+                           ("cond_stage_model.", pipe.conditioner.tokenizer)):
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, sd[prefix + key]), prefix + key
+    labels = torch.randint(0, 5, (2, 8, 8), generator=torch.Generator().manual_seed(1))
+    onehot = F.one_hot(labels, 5).permute(0, 3, 1, 2).float()
+    c_ref = cond_ref.encode(onehot)[2][2].view(2, -1)  # (2, 16) row-major, no permuter
+    x = images()
+    seq, c = pipe.tokens({"image": x, "segmentation": labels})
+    assert torch.equal(seq, ref.z_indices(x)) and torch.equal(c, c_ref)
+    torch.testing.assert_close(pipe.prior.logits(seq, c), ref.logits(seq, c_ref),
+                               atol=ATOL, rtol=0)
+    first = pipe.generate(2, condition={"segmentation": labels}, seed=0)
+    again = load(run, reg).generate(2, condition={"segmentation": labels}, seed=0)
+    assert first.codes.shape == (2, 4, 4) and first.images.shape == (2, 3, 8, 8)
+    assert torch.equal(first.codes, again.codes) and torch.equal(first.images, again.images)
 
 
 @torch.no_grad()

@@ -14,6 +14,8 @@
                          optionally cond_offset (0 for taming imports: shared id range)
     .lock, .lock.owner   held by the process training the run (an OS lock that dies
                          with it); the owner file names its pid and command line
+    taming_import.json   an imported run's record of the tensors loaded and dropped
+    eval.json, classifier.safetensors   `vqgen eval`'s report and the judge it uses
 
 A stage directory holds ``current`` → ``history/step_NNNNNN`` (one whole checkpoint),
 top-level links through it, and ``best/``; :mod:`vqgen.core.checkpoint` writes it.
@@ -40,6 +42,7 @@ __all__ = [
     "CURRENT",
     "EVAL_FILE",
     "HISTORY_DIR",
+    "IMPORT_FILE",
     "IMAGES_DIR",
     "LOCK_FILE",
     "LOCK_OWNER_FILE",
@@ -70,6 +73,7 @@ LOCK_FILE = ".lock"
 LOCK_OWNER_FILE = ".lock.owner"
 CLASSIFIER_FILE = "classifier.safetensors"  # the judge `vqgen eval` finds by itself
 EVAL_FILE = "eval.json"  # what `vqgen eval` writes by default
+IMPORT_FILE = "taming_import.json"  # an imported run's record of what was loaded
 # inside a stage directory (vqgen.core.checkpoint) and a token cache folder
 META_FILE = "meta.json"  # a checkpoint's (and a token cache's) description
 WEIGHTS_FILE = "weights.safetensors"
@@ -80,7 +84,7 @@ BEST_FILE = "best.json"
 CURRENT = "current"
 #: what vqgen reads back from a run: an output written over one of them is refused
 RUN_INPUTS = (CONFIG_FILE, PIPELINE_FILE, METRICS_FILE, LOCK_FILE, LOCK_OWNER_FILE,
-              CLASSIFIER_FILE, TOKENS_DIR, TENSORBOARD_DIR, IMAGES_DIR, *STAGES)
+              CLASSIFIER_FILE, IMPORT_FILE, TOKENS_DIR, TENSORBOARD_DIR, IMAGES_DIR, *STAGES)
 
 
 class PipelineLayout(BaseModel):
