@@ -184,9 +184,7 @@ def train(
     same directory stops at once with an error naming the holder.
     Returns the trained Pipeline, or ``None`` for a config without a prior.
     """
-    from vqgen.core.checkpoint import load_component
     from vqgen.training.runtime import barrier, configure_threads, setup_distributed
-    from vqgen.training.stages import train_prior
 
     registry = registry or default_registry()
     if not isinstance(config, PipelineConfig):
@@ -214,28 +212,37 @@ def train(
         barrier(info)
         if config.prior is None or "prior" not in stages:
             return None
-        for stage in ("tokenizer", "cond") if _has_cond_stage(conditioner) else ("tokenizer",):
-            if stage_step(run, stage) is None:
-                raise VqgenError(f"{run} has no trained {stage} stage; train it first "
-                                 f"(--stages {stage})")
-        tokenizer = load_component(run / "tokenizer", registry)
-        if _has_cond_stage(conditioner):
-            _load_cond_tokenizer(run, conditioner)
-        done = stage_step(run, "prior") == config.train.prior.steps
-        if done:
-            if info.main:
-                _restore_layout(run, config, tokenizer)
-            return load_run(run, registry)
-        if stage_step(run, "prior") is not None and not resume:
-            raise VqgenError(
-                f"{run / 'prior'} holds an unfinished checkpoint; pass --resume to continue it"
-            )
-        pipe = train_prior(config, tokenizer, conditioner, run, registry=registry,
-                           progress=progress, resume=resume)
+        return _prior_stage(run, config, conditioner, info, resume, registry, progress)
+
+
+def _prior_stage(run: Path, config: PipelineConfig, conditioner: Any, info: Any, resume: bool,
+                 registry: Registry, progress: bool) -> Pipeline:
+    """Train the prior on the trained first stages (or load the finished run)."""
+    from vqgen.core.checkpoint import load_component
+    from vqgen.training.runtime import barrier
+    from vqgen.training.stages import train_prior
+
+    for stage in ("tokenizer", "cond") if _has_cond_stage(conditioner) else ("tokenizer",):
+        if stage_step(run, stage) is None:
+            raise VqgenError(f"{run} has no trained {stage} stage; train it first "
+                             f"(--stages {stage})")
+    tokenizer = load_component(run / "tokenizer", registry)
+    if _has_cond_stage(conditioner):
+        _load_cond_tokenizer(run, conditioner)
+    if stage_step(run, "prior") == config.train.prior.steps:  # finished
         if info.main:
-            write_pipeline_layout(run, pipe.grid)
-        barrier(info)
-        return pipe
+            _restore_layout(run, config, tokenizer)
+        return load_run(run, registry)
+    if stage_step(run, "prior") is not None and not resume:
+        raise VqgenError(
+            f"{run / 'prior'} holds an unfinished checkpoint; pass --resume to continue it"
+        )
+    pipe = train_prior(config, tokenizer, conditioner, run, registry=registry,
+                       progress=progress, resume=resume)
+    if info.main:
+        write_pipeline_layout(run, pipe.grid)
+    barrier(info)
+    return pipe
 
 
 def _reused(config: PipelineConfig, source: PipelineConfig, registry: Registry) -> list[str]:

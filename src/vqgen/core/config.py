@@ -14,6 +14,9 @@ model and stored resolved (every field, defaults filled in), so a loaded config
 says exactly what will be built and ``load → dump → load`` gives an equal object.
 Errors are :class:`ConfigError`: they name the file, the dotted path
 (``prior.params.n_head``) and the reason.
+
+Why one file of this size: the config models and their one text format each way
+(load, dump, schema) change together.
 """
 
 from __future__ import annotations

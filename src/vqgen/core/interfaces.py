@@ -10,6 +10,10 @@ Conventions shared by every interface:
   values are kept on ``self.params``.
 
 Nothing here knows a concrete plugin.
+
+Why one file of this size: the five interfaces, their optional-ability Protocols and the
+sizes they exchange are the contract every component is written against; read together
+they are one page of the design, split they would be five half-contracts.
 """
 
 from __future__ import annotations

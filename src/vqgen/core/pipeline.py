@@ -20,6 +20,9 @@ It owns the seams between the stages:
   same way. A masked prior samples the training grid only (a larger canvas is refused).
 * **Families.** ``nll`` (an exact likelihood) needs an autoregressive prior; ``loss`` is
   the prior's own training loss (``prior.loss_name`` says which) for either family.
+
+Why one file of this size: the Pipeline owns every seam between the stages (condition
+ids, ordering, canvas, guidance, sliding window); each is a short method here.
 """
 
 from __future__ import annotations
@@ -319,33 +322,14 @@ class Pipeline(nn.Module):
         the conditioner's null tokens; ``s = 1`` is plain conditional sampling; ``None``
         takes the pipeline's ``guidance`` (the config's ``sampling.guidance``).
         """
-        guidance = self.guidance if guidance is None else float(guidance)
-        if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-            raise VqgenError(f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], "
-                             f"got {guidance}")
-        if n < 1:
-            raise VqgenError(f"n must be at least 1, got {n}")
-        sampler = sampler or self.sampler
-        if sampler is None:
-            raise VqgenError("no sampler: pass sampler= or give the config a sampler section")
+        guidance, sampler = self._check_request(n, guidance, sampler)
         cond = self.cond_batch(condition, n)
-        canvas = self.condition_canvas(cond)
-        h, w = self._canvas(size) if size is not None or canvas is None else canvas
-        if canvas is not None and canvas != (h, w):
-            raise VqgenError(
-                f"the spatial condition is a {canvas[0]}x{canvas[1]} token grid but the canvas "
-                f"is {h}x{w} latents; give a condition of the canvas size (or leave size out)"
-            )
+        h, w = self._request_canvas(cond, size)
         prefix = self._check_prefix(prefix, n, h, w)
         if known is not None:
             if prefix is not None:
                 raise VqgenError("give prefix rows or a known grid, not both")
             known = self._check_known(known, n, h, w)
-        if guidance != 1.0 and (self.conditioner is None or self.conditioner.null_id is None):
-            raise VqgenError(
-                "classifier-free guidance needs a conditioner with a null token, and a prior "
-                "trained with cond_dropout > 0"
-            )
         labels = cond.get("label") if cond is not None else None
         device = self.device
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -370,6 +354,38 @@ class Pipeline(nn.Module):
         images = torch.cat([c[0] for c in chunks])  # (n, C, H, W)
         codes = torch.cat([c[1] for c in chunks])  # (n, h, w)
         return Generation(images, codes, labels)
+
+    def _check_request(self, n: int, guidance: float | None, sampler: Sampler | None
+                       ) -> tuple[float, Sampler]:
+        """The guidance scale and sampler of a :meth:`generate` call, checked."""
+        guidance = self.guidance if guidance is None else float(guidance)
+        if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+            raise VqgenError(f"guidance must be a finite number in [0, {MAX_GUIDANCE:g}], "
+                             f"got {guidance}")
+        if n < 1:
+            raise VqgenError(f"n must be at least 1, got {n}")
+        sampler = sampler or self.sampler
+        if sampler is None:
+            raise VqgenError("no sampler: pass sampler= or give the config a sampler section")
+        if guidance != 1.0 and (self.conditioner is None or self.conditioner.null_id is None):
+            raise VqgenError(
+                "classifier-free guidance needs a conditioner with a null token, and a prior "
+                "trained with cond_dropout > 0"
+            )
+        return guidance, sampler
+
+    def _request_canvas(self, cond: Mapping[str, Any] | None,
+                        size: tuple[int, int] | None) -> tuple[int, int]:
+        """The latent canvas ``(h, w)`` of a request: ``size``'s, else a spatial
+        condition's, else the training grid; a condition of another size is refused."""
+        canvas = self.condition_canvas(cond)
+        h, w = self._canvas(size) if size is not None or canvas is None else canvas
+        if canvas is not None and canvas != (h, w):
+            raise VqgenError(
+                f"the spatial condition is a {canvas[0]}x{canvas[1]} token grid but the canvas "
+                f"is {h}x{w} latents; give a condition of the canvas size (or leave size out)"
+            )
+        return h, w
 
     def condition_canvas(self, cond: Mapping[str, Any] | None) -> tuple[int, int] | None:
         """The latent canvas ``(h, w)`` that a spatial condition batch fixes (None for

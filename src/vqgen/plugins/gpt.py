@@ -55,6 +55,9 @@ corner, where no image token is; a spatial condition's prefix (``Lc = h * w``, r
 or in the sequence order with ``cond_fusion="both"``) sits on the cells it describes, so
 it is aligned with the image without a learned table; any other multi-token prefix lies
 along row ``-1``, ending at ``(-1, -1)``.
+
+Why one file of this size: one readable file per architecture, as nanoGPT's ``model.py``
+(params, attention block, the two position schemes, KV-cached decoding).
 """
 
 from __future__ import annotations

@@ -45,6 +45,9 @@ Sample format (see :mod:`vqgen.core.data` for the shared conventions):
   the point lies inside the image; invisible points are ``(0, 0, 0)``.
   ``SKELETON`` joins the centre to each boundary point and the boundary points
   in a ring.
+
+Why one file of this size: the generator of the embedded data and its writer to the
+folder layout, which must agree sample for sample.
 """
 
 from __future__ import annotations

@@ -284,6 +284,31 @@ def select(
     return order[rank < quota.repeat_interleave(runs)]  # (K,)
 
 
+def _candidates(labels: torch.Tensor, rate: float) -> tuple[dict[int, int], torch.Tensor]:
+    """``{label: times requested}`` and the request position ``[M]`` of every candidate to
+    draw, label by label: ``ceil(n_c / rate)`` per label, cycling over its positions."""
+    uniq, n_req = torch.unique(labels, return_counts=True)  # (U,), (U,)
+    want = dict(zip(uniq.tolist(), n_req.tolist(), strict=True))
+    src = []
+    for c, n_c in want.items():
+        pos = torch.nonzero(labels == c).squeeze(1)  # (n_c,)
+        src.append(pos[torch.arange(candidates_per_label(n_c, rate)) % n_c])
+    return want, torch.cat(src).to(labels.device)  # (M,)
+
+
+def _checked_draw(out: Any, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``draw``'s result as ``(images [b, C, H, W], codes [b, ...] or None)``, checked."""
+    images, codes = out if isinstance(out, tuple) else (out, None)
+    if images.ndim != 4 or images.shape[0] != b:
+        raise ValueError(
+            f"draw returned images of shape {tuple(images.shape)} for {b} "
+            "candidates; expected [B, C, H, W] with B = len(idx)"
+        )
+    if codes is not None and codes.shape[0] != b:
+        raise ValueError(f"draw returned {codes.shape[0]} codes for {b} candidates")
+    return images, codes
+
+
 def rejection_sample(
     draw: Draw, labels: torch.Tensor, sampler: Rejection, *, progress: bool = False
 ) -> RejectionResult:
@@ -304,14 +329,7 @@ def rejection_sample(
     n, bs = len(labels), sampler.params.batch_size
     if n == 0:
         raise ValueError("rejection_sample needs at least one requested label")
-    uniq, n_req = torch.unique(labels, return_counts=True)  # (U,), (U,)
-    want = dict(zip(uniq.tolist(), n_req.tolist(), strict=True))
-    rate = sampler.params.acceptance_rate
-    src = []  # request position of every candidate, label by label
-    for c, n_c in want.items():
-        pos = torch.nonzero(labels == c).squeeze(1)  # (n_c,)
-        src.append(pos[torch.arange(candidates_per_label(n_c, rate)) % n_c])
-    source = torch.cat(src).to(labels.device)  # (M,)
+    want, source = _candidates(labels, sampler.params.acceptance_rate)  # {c: n_c}, (M,)
     m = len(source)
 
     kept: dict[str, torch.Tensor] = {}
@@ -320,14 +338,7 @@ def rejection_sample(
     for start in range(0, m, bs):
         idx = source[start : start + bs]  # (b,)
         out = draw(idx)
-        images, codes = out if isinstance(out, tuple) else (out, None)
-        if images.ndim != 4 or images.shape[0] != len(idx):
-            raise ValueError(
-                f"draw returned images of shape {tuple(images.shape)} for {len(idx)} "
-                "candidates; expected [B, C, H, W] with B = len(idx)"
-            )
-        if codes is not None and codes.shape[0] != len(idx):
-            raise ValueError(f"draw returned {codes.shape[0]} codes for {len(idx)} candidates")
+        images, codes = _checked_draw(out, len(idx))
         with_codes = codes is not None if with_codes is None else with_codes
         if with_codes != (codes is not None):
             raise ValueError("draw must return codes for every batch or for none")

@@ -139,48 +139,52 @@ class TokenCache:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{key}."))
         try:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-            input_key = getattr(tokenizer, "input_key", "image")  # what the tokenizer encodes
-            codes_mm = cond_mm = None
-            device = next(iter(tokenizer.parameters()), torch.zeros(())).device
-            with torch.no_grad():
-                i = 0
-                for batch in track(loader, len(loader), desc="encoding tokens",
-                                   enabled=progress, unit="batch"):
-                    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                    codes = tokenizer.encode(batch[input_key]).cpu().numpy()  # (B, h, w)
-                    try:
-                        cond = conditioner.tokens(batch).cpu().numpy() if conditioner else None
-                    except SampleError as err:
-                        raise err.at(sample_source(dataset, i + err.index, err.key)) from None
-                    if codes_mm is None:
-                        n = len(dataset)
-                        codes_mm = _open_memmap(
-                            tmp / "codes.npy", _int_dtype(tokenizer.vocab_size),
-                            (n, *codes.shape[1:]),
-                        )
-                        if cond is not None:
-                            cond_mm = _open_memmap(
-                                tmp / "cond.npy", _int_dtype(conditioner.vocab_size),
-                                (n, *cond.shape[1:]),
-                            )
-                    codes_mm[i : i + len(codes)] = codes
-                    if cond_mm is not None:
-                        cond_mm[i : i + len(codes)] = cond
-                    i += len(codes)
-            for mm in (codes_mm, cond_mm):
-                if mm is not None:
-                    mm.flush()
+            has_cond = _encode_into(tmp, dataset, tokenizer, conditioner, batch_size, progress)
             meta = {"key": key, "n": len(dataset), "data": data, "vocab_size": tokenizer.vocab_size,
-                    "has_cond": cond_mm is not None,
+                    "has_cond": has_cond,
                     "cond_vocab_size": conditioner.vocab_size if conditioner else None}
             (tmp / META_FILE).write_text(json.dumps(meta, default=str, indent=2))
-            del codes_mm, cond_mm
             os.replace(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return cls(path)
+
+
+def _encode_into(folder: Path, dataset: Any, tokenizer: Any, conditioner: Any,
+                 batch_size: int, progress: bool) -> bool:
+    """Encode ``dataset`` into ``folder/codes.npy`` (and ``cond.npy``: the conditioner's
+    tokens), in order, flushed; returns whether there is a ``cond.npy``."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    input_key = getattr(tokenizer, "input_key", "image")  # what the tokenizer encodes
+    codes_mm = cond_mm = None
+    device = next(iter(tokenizer.parameters()), torch.zeros(())).device
+    with torch.no_grad():
+        i = 0
+        for batch in track(loader, len(loader), desc="encoding tokens",
+                           enabled=progress, unit="batch"):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            codes = tokenizer.encode(batch[input_key]).cpu().numpy()  # (B, h, w)
+            try:
+                cond = conditioner.tokens(batch).cpu().numpy() if conditioner else None  # (B, Lc)
+            except SampleError as err:
+                raise err.at(sample_source(dataset, i + err.index, err.key)) from None
+            if codes_mm is None:
+                n = len(dataset)
+                codes_mm = _open_memmap(folder / "codes.npy", _int_dtype(tokenizer.vocab_size),
+                                        (n, *codes.shape[1:]))
+                if cond is not None:
+                    cond_mm = _open_memmap(folder / "cond.npy",
+                                           _int_dtype(conditioner.vocab_size),
+                                           (n, *cond.shape[1:]))
+            codes_mm[i : i + len(codes)] = codes
+            if cond_mm is not None:
+                cond_mm[i : i + len(codes)] = cond
+            i += len(codes)
+    for mm in (codes_mm, cond_mm):
+        if mm is not None:
+            mm.flush()
+    return cond_mm is not None
 
 
 def _open_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
