@@ -8,6 +8,9 @@ configured number of steps is finished and skipped; ``resume=True`` continues
 an unfinished one from its checkpoint. A run directory only ever holds one
 config: training it with a different one is refused, with the differing fields
 named.
+
+Why one file of this size: a run directory's life cycle (claim, lock, stages in order,
+reuse of another run's stages, load) in short functions, read top to bottom.
 """
 
 from __future__ import annotations

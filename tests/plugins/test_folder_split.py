@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vqgen.plugins.folder as folder_mod
+import vqgen.plugins.folder_layout as folder_mod
 from vqgen.core.data import DataWarning
 from vqgen.core.errors import VqgenError
 from vqgen.core.io import cache_dir

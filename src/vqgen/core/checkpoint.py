@@ -19,6 +19,9 @@ checkpoint; leftovers of an interrupted commit are removed by the next one. A st
 directory of the earlier layout (plain files at the top, no ``current``) still loads.
 Weights load only from safetensors, train state only through
 ``torch.load(weights_only=True)``.
+
+Why one file of this size: the on-disk format (files, atomic commit, history and
+``best`` links) is one contract; its writer and its reader apart would drift.
 """
 
 from __future__ import annotations

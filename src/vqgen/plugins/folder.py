@@ -64,18 +64,17 @@ Keypoints are in the original image's pixel units (convention above); ``v > 0``
 counts as visible, and every object of every file must have the same number of
 points. Depth values are passed through (no direction flip): the built-in
 ``shapes`` data uses 0 = near, 1 = far.
+
+Why one file of this size: a quarter of it is the description above, and checking a
+sample's image and condition files together is one job; what the folder holds on disk
+(layout, classes, split, scan cache) is read in :mod:`vqgen.plugins.folder_layout`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import re
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,318 +88,28 @@ from vqgen.core.data import (
     CONDITIONS,
     IMAGE_EXTENSIONS,
     DataWarning,
-    check_map_mode,
     load_depth_map,
     load_label_map,
     parse_keypoints,
-    read_npy_map,
 )
 from vqgen.core.errors import EmptySplit, VqgenError
 from vqgen.core.images import load_rgb, u8_to_image
 from vqgen.core.interfaces import Component, ParamsModel
-from vqgen.core.io import atomic_write_text, cache_dir
+from vqgen.plugins.folder_layout import (
+    CONDITION_EXTS,
+    LAYOUT_HELP,
+    READ_ERRORS,
+    Listed,
+    Sample,
+    ScanCache,
+    list_images,
+    map_size,
+    read_layout,
+    shown,
+    split_held_out,
+)
 
 __all__ = ["EmptySplit", "FolderDataset"]
-
-_CONDITION_EXTS = {"segmentation": (".png",), "depth": (".png", ".npy"), "keypoints": (".json",)}
-_LAYOUT = (
-    "expected root/images/<class>/<name>.png (or a flat root/images/<name>.png for "
-    "unlabelled data), with optional root/segmentation/<name>.png, "
-    "root/depth/<name>.png|.npy and root/keypoints/<name>.json beside images/"
-)
-# what reading a broken file can raise (PIL, numpy); anything else is a bug and propagates
-_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-_SHOW = 3  # how many offending files a report names
-_HELD_OUT_DIRS = ("val", "held_out")  # an explicit held-out folder beside images/
-# Salt of the held-out hash: fixed, so that a file's split never depends on params
-# (``seed`` is for crops). Changing it reshuffles every user's split: don't.
-_SPLIT_SALT = "vqgen-folder-held-out-v1"
-_CACHE_VERSION = 1
-_DIGITS = re.compile(r"([0-9]+)")
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    """``(W, H)`` of an image file after decoding it whole (``verify`` alone passes a
-    truncated JPEG), so that a broken file is found when the data set opens."""
-    with Image.open(path) as im:
-        size = im.size
-        im.verify()
-    with Image.open(path) as im:
-        im.load()
-    return size
-
-
-def _map_size(path: Path, cond: str) -> tuple[int, int]:
-    """``(W, H)`` of a segmentation or depth file, after checking its format."""
-    if path.suffix.lower() == ".npy":
-        values = read_npy_map(path)  # (H, W)
-        h, w = values.shape
-        if np.isinf(values).any():
-            raise ValueError("it holds infinite values")
-        if np.isnan(values).all():
-            raise ValueError("every value is NaN")
-        return w, h
-    with Image.open(path) as im:
-        check_map_mode(im, cond)
-        size = im.size
-        im.verify()
-    return size
-
-
-@dataclass
-class _Sample:
-    image: Path
-    label: int | None
-    size: tuple[int, int]  # (W, H) of the image file
-    segmentation: Path | None = None
-    depth: Path | None = None
-    keypoints: np.ndarray | None = None  # (N, K, 3) in original pixel units
-
-
-def _files_below(folder: Path) -> list[Path]:
-    """Every file below ``folder``, sorted; a sub-folder that cannot be listed is an
-    error naming it (``Path.rglob`` would skip it, and its class would look empty)."""
-    def refuse(err: OSError) -> None:
-        raise VqgenError(
-            f"cannot list {err.filename} ({err.strerror or err}); make it readable or "
-            "move it out of the data set"
-        )
-
-    return sorted(Path(top) / name for top, _, names in os.walk(folder, onerror=refuse)
-                  for name in names)
-
-
-def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _shown(items: list[str]) -> str:
-    more = f", … ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-    return ", ".join(items[:_SHOW]) + more
-
-
-def _quoted(names: Iterable[str]) -> str:
-    return _shown([repr(n) for n in names])
-
-
-# -- layout and classes ---------------------------------------------------------------
-def _natural_key(name: str) -> tuple[tuple[str | int, ...], str]:
-    """Sort key of a class folder name: digit runs as numbers, the rest case-insensitively,
-    ties by the exact name (``img2`` < ``img10``, ``9`` < ``10``)."""
-    parts = _DIGITS.split(name)  # text, digits, text, …: digits at the odd positions
-    return tuple(int(s) if i % 2 else s.casefold() for i, s in enumerate(parts)), name
-
-
-def _entries(folder: Path) -> tuple[list[str], list[Path]]:
-    """The visible sub-folder names of ``folder`` and the images directly inside it."""
-    try:
-        children = list(folder.iterdir())
-    except OSError as err:
-        raise VqgenError(f"cannot list {folder} ({err.strerror or err}); make it readable") \
-            from None
-    dirs = sorted(p.name for p in children if p.is_dir() and not p.name.startswith("."))
-    return dirs, sorted(p for p in children if _is_image(p))
-
-
-def _order_classes(images: Path, dirs: list[str], wanted: list[str] | str) -> list[str]:
-    """Class names by id: ``dirs`` in natural order (``"auto"``), or the list ``wanted``
-    after checking that it names every folder of ``dirs`` exactly once."""
-    if wanted == "auto":
-        return sorted(dirs, key=_natural_key)
-    how = "classes must name each class folder of images/ once, in id order, or be 'auto'"
-    dup = [n for n, k in Counter(wanted).items() if k > 1]
-    if dup:
-        raise VqgenError(f"classes lists {_quoted(dup)} more than once; {how}")
-    missing = [n for n in wanted if n not in dirs]
-    if missing:
-        have = f"its class folders are {_quoted(dirs)}" if dirs else "it has no class folders"
-        raise VqgenError(
-            f"classes lists {_quoted(missing)}, but {images} has no such folder ({have}); "
-            "create the folder or remove the name from classes"
-        )
-    extra = [n for n in sorted(dirs, key=_natural_key) if n not in wanted]
-    if extra:
-        raise VqgenError(
-            f"the class folder(s) {_quoted(extra)} of {images} are not in classes; add them "
-            f"to the list (a class's id is its position) or move them out of {images}"
-        )
-    return list(wanted)
-
-
-def _held_out_dir(root: Path) -> Path | None:
-    """``root/val`` or ``root/held_out`` where one exists; both is an error."""
-    found = [root / n for n in _HELD_OUT_DIRS if (root / n).is_dir()]
-    if len(found) > 1:
-        raise VqgenError(
-            f"{root} has both {found[0]} and {found[1]}; keep the held-out images in one "
-            "of them (they are read the same way)"
-        )
-    return found[0] if found else None
-
-
-def _check_held_out_dir(val: Path, images: Path, classes: list[str]) -> None:
-    """``val`` must be laid out like ``images`` and hold no class that images/ lacks."""
-    dirs, top = _entries(val)
-    if classes and top:
-        raise VqgenError(
-            f"{val} holds images directly inside it ({_shown([p.name for p in top])}), but "
-            f"{images} has class folders; put each held-out image in {val}/<class>/"
-        )
-    if not classes and dirs:
-        raise VqgenError(
-            f"{val} has sub-folders ({_quoted(dirs)}), but {images} is flat (unlabelled); "
-            f"put the held-out images directly in {val}, or use class folders in both"
-        )
-    unknown = [d for d in sorted(dirs, key=_natural_key) if d not in classes]
-    if unknown:
-        raise VqgenError(
-            f"{val} has class folder(s) {_quoted(unknown)} that are not classes of {images} "
-            f"({_quoted(classes)}); class ids come from images/, so rename the folder to one "
-            "of its classes, add the class to images/ as well, or move the folder out"
-        )
-
-
-@dataclass(frozen=True)
-class _Layout:
-    classes: list[str]  # names by id; [] for a flat (unlabelled) folder
-    held_out: Path | None  # root/val or root/held_out, when there is one
-
-
-def _layout(root: Path, wanted: list[str] | str) -> _Layout:
-    """The classes and the held-out folder of ``root``, from folder listings alone."""
-    if not root.is_dir():
-        raise VqgenError(f"dataset root {root} does not exist or is not a folder; {_LAYOUT}")
-    images = root / "images"
-    if not images.is_dir():
-        raise VqgenError(f"dataset root {root} has no images/ folder; {_LAYOUT}")
-    dirs, top = _entries(images)
-    if dirs and top:
-        raise VqgenError(
-            f"{images} mixes class sub-folders ({_shown(dirs)}) with images directly "
-            f"inside it ({_shown([p.name for p in top])}); put every image in a class "
-            "sub-folder, or use a flat folder without sub-folders for unlabelled data"
-        )
-    classes = _order_classes(images, dirs, wanted)
-    val = _held_out_dir(root)
-    if val is not None:
-        _check_held_out_dir(val, images, classes)
-    return _Layout(classes, val)
-
-
-def _list_images(folder: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
-    """``(path, label)`` of every image of ``folder``, by class, then path."""
-    if not classes:
-        return [(p, None) for p in _entries(folder)[1]]
-    found: list[tuple[Path, int | None]] = []
-    for label, name in enumerate(classes):
-        if (folder / name).is_dir():  # a class may be missing from a held-out folder
-            found += [(p, label) for p in _files_below(folder / name) if _is_image(p)]
-    return found
-
-
-# -- the held-out split -----------------------------------------------------------------
-def _held_out_score(relpath: str) -> float:
-    """A uniform value in [0, 1) that depends only on ``relpath`` (a posix path below
-    images/): the first 8 bytes of a salted sha256, top 53 bits (exact in a float)."""
-    digest = hashlib.sha256(f"{_SPLIT_SALT}:{relpath}".encode("utf-8", "surrogateescape"))
-    return (int.from_bytes(digest.digest()[:8], "big") >> 11) / 2**53
-
-
-Listed = list[tuple[Path, int | None]]
-
-
-def _split(found: Listed, images: Path, held_out: float) -> tuple[Listed, Listed]:
-    """``found`` as (train, held out), each in its order: per class (the whole folder when
-    unlabelled), the files whose score is below ``held_out``; a class of >= 2 files with
-    none lends its lowest-score file, and a class always keeps one training file."""
-    if held_out <= 0:
-        return found, []
-    by_class: dict[int | None, list[int]] = {}
-    for i, (_, label) in enumerate(found):
-        by_class.setdefault(label, []).append(i)
-    out: set[int] = set()
-    for members in by_class.values():
-        score = {i: (_held_out_score(found[i][0].relative_to(images).as_posix()), found[i][0])
-                 for i in members}
-        held = {i for i in members if score[i][0] < held_out}
-        if not held and len(members) >= 2:
-            held = {min(members, key=score.__getitem__)}
-        if len(held) == len(members):  # keep the file least inclined to be held out
-            held.discard(max(members, key=score.__getitem__))
-        out |= held
-    return ([f for i, f in enumerate(found) if i not in out],
-            [f for i, f in enumerate(found) if i in out])
-
-
-# -- the scan cache ---------------------------------------------------------------------
-def _valid_entry(v: object) -> bool:
-    """``[st_size, st_mtime_ns, W, H]``, all ints, with a positive size."""
-    return (isinstance(v, list) and len(v) == 4 and all(type(x) is int for x in v)
-            and v[0] >= 0 and v[2] >= 1 and v[3] >= 1)
-
-
-class _ScanCache:
-    """The ``(W, H)`` of the images of ``root`` that passed the check, keyed by their path
-    below ``root`` with their size and mtime (see the module docstring). The cache file
-    is untrusted: anything wrong with it means starting afresh, never an error."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.old: dict[str, list[int]] = {}  # as read
-        self.new: dict[str, list[int]] = {}  # checked (or confirmed) in this scan
-        self.file: Path | None = None
-        try:
-            self.key = str(root.resolve())
-            digest = hashlib.sha256(self.key.encode("utf-8", "surrogateescape")).hexdigest()
-            self.file = cache_dir() / "folder-scan" / f"{digest[:16]}.json"
-        except (OSError, RuntimeError):  # no home folder, a path that cannot be resolved
-            return
-        self.old = self._read(self.file)
-
-    def _read(self, file: Path) -> dict[str, list[int]]:
-        try:
-            if not file.is_file():  # missing, or a FIFO that a read would block on
-                return {}
-            data = json.loads(file.read_bytes())
-            files = data.get("files")
-            if (data.get("version") == _CACHE_VERSION and data.get("root") == self.key
-                    and isinstance(files, dict) and all(map(_valid_entry, files.values()))):
-                return files
-        except Exception:  # untrusted input: whatever is wrong with it, start afresh
-            pass
-        return {}
-
-    def size(self, path: Path) -> tuple[int, int]:
-        """``(W, H)`` of image ``path``: cached while its size and mtime are unchanged,
-        else from :func:`_image_size` (which raises for a broken file: never cached)."""
-        rel = path.relative_to(self.root).as_posix()
-        try:
-            st = path.stat()
-        except OSError:
-            return _image_size(path)  # raises, naming the problem
-        hit = self.old.get(rel)
-        if hit is not None and hit[:2] == [st.st_size, st.st_mtime_ns]:
-            w, h = hit[2], hit[3]
-        else:
-            w, h = _image_size(path)
-        self.new[rel] = [st.st_size, st.st_mtime_ns, w, h]
-        return w, h
-
-    def save(self, listed: Iterable[Path]) -> None:
-        """Write the entries of the files in ``listed`` (the folder's files now), checked
-        in this scan or before; skipped silently where the cache cannot be written."""
-        if self.file is None:
-            return
-        keep = {p.relative_to(self.root).as_posix() for p in listed}
-        entries = {k: v for k, v in self.old.items() if k in keep} | self.new
-        if entries == self.old:
-            return
-        text = json.dumps({"version": _CACHE_VERSION, "root": self.key, "files": entries},
-                          sort_keys=True, separators=(",", ":"))
-        try:
-            atomic_write_text(self.file, text)
-        except (VqgenError, OSError):  # a read-only or missing cache dir costs only time
-            pass
 
 
 class FolderDataset(Component, Dataset):
@@ -482,7 +191,7 @@ class FolderDataset(Component, Dataset):
         self.classes: list[str] = []  # names by id
         self.conditions: list[str] = []
         self.num_keypoints = 0  # K, when keypoints are read
-        self.samples: list[_Sample] = self._scan()
+        self.samples: list[Sample] = self._scan()
         self.labels: list[int] = [-1 if s.label is None else s.label for s in self.samples]
 
     @classmethod
@@ -491,7 +200,7 @@ class FolderDataset(Component, Dataset):
         unlabelled folder), from folder listings alone: no class folder is walked and no
         image is read. Raises the constructor's VqgenError for a bad layout or list."""
         p = cls.Params(**params)
-        return _layout(Path(p.root).expanduser(), p.classes).classes or None
+        return read_layout(Path(p.root).expanduser(), p.classes).classes or None
 
     @classmethod
     def example_params(cls, tmp_path: Path) -> dict[str, Any]:
@@ -511,13 +220,13 @@ class FolderDataset(Component, Dataset):
         if missing:
             raise VqgenError(
                 f"conditions {missing} were requested but {self.root} has no "
-                f"{', '.join(c + '/' for c in missing)} folder; {_LAYOUT}"
+                f"{', '.join(c + '/' for c in missing)} folder; {LAYOUT_HELP}"
             )
         return [c for c in CONDITIONS if c in wanted]
 
     def _check_sample(
-        self, path: Path, label: int | None, bad: Callable[[str, str], None], cache: _ScanCache
-    ) -> _Sample | None:
+        self, path: Path, label: int | None, bad: Callable[[str, str], None], cache: ScanCache
+    ) -> Sample | None:
         """The sample of image ``path`` with its condition files, or None (reported to ``bad``)."""
         try:
             size = cache.size(path)
@@ -525,9 +234,9 @@ class FolderDataset(Component, Dataset):
             why = " ".join(str(err).split())[:120] or type(err).__name__
             bad("unreadable image file(s)", f"{path} ({why})")
             return None
-        s, ok = _Sample(path, label, size), True
+        s, ok = Sample(path, label, size), True
         for cond in self.conditions:
-            exts = _CONDITION_EXTS[cond]
+            exts = CONDITION_EXTS[cond]
             f = next((p for e in exts if (p := self.root / cond / (path.stem + e)).is_file()), None)
             if f is None:
                 names = " or ".join(f"<stem>{e}" for e in exts)
@@ -538,7 +247,7 @@ class FolderDataset(Component, Dataset):
                 if cond == "keypoints":
                     s.keypoints = parse_keypoints(f, self.params.max_objects)
                     continue
-                w, h = _map_size(f, cond)
+                w, h = map_size(f, cond)
                 if abs(w / h - size[0] / size[1]) > 0.02 * size[0] / size[1]:
                     raise ValueError(
                         f"its size {w}x{h} does not match the image's {size[0]}x{size[1]}"
@@ -568,15 +277,15 @@ class FolderDataset(Component, Dataset):
             f"{where}), or set held_out > 0 (e.g. 0.05) with at least 2 images per class"
         )
 
-    def _scan(self) -> list[_Sample]:
-        layout = _layout(self.root, self.params.classes)
+    def _scan(self) -> list[Sample]:
+        layout = read_layout(self.root, self.params.classes)
         self.classes = layout.classes
         images = self.root / "images"
-        found = _list_images(images, self.classes)
+        found = list_images(images, self.classes)
         if not found:
             exts = ", ".join(IMAGE_EXTENSIONS)
-            raise VqgenError(f"{images} contains no images ({exts}); {_LAYOUT}")
-        held = [] if layout.held_out is None else _list_images(layout.held_out, self.classes)
+            raise VqgenError(f"{images} contains no images ({exts}); {LAYOUT_HELP}")
+        held = [] if layout.held_out is None else list_images(layout.held_out, self.classes)
         self.conditions = self._resolve_conditions()
         if self.conditions:
             dup = sorted(s for s, n in Counter(p.stem for p, _ in found + held).items() if n > 1)
@@ -584,27 +293,27 @@ class FolderDataset(Component, Dataset):
                 where = images if layout.held_out is None else f"{images} and {layout.held_out}"
                 raise VqgenError(
                     f"{where}: {len(dup)} file stems occur more than once "
-                    f"({_shown(dup)}); condition files are matched by stem, so stems must "
+                    f"({shown(dup)}); condition files are matched by stem, so stems must "
                     "be unique across class folders (and across images/ and the held-out "
                     "folder)"
                 )
         if layout.held_out is not None:
             train, val = found, held
         else:
-            train, val = _split(found, images, self.params.held_out)
+            train, val = split_held_out(found, images, self.params.held_out)
         chosen = train if self.params.split == "train" else val
         if not chosen:
             raise self._empty_split(layout.held_out)
         return self._check(chosen, [p for p, _ in found + held])
 
-    def _check(self, chosen: Listed, listed: list[Path]) -> list[_Sample]:
+    def _check(self, chosen: Listed, listed: list[Path]) -> list[Sample]:
         """The samples of ``chosen`` whose files pass the checks (``listed``: every image
         of the folder, whose cache entries are kept)."""
         # problem kind → list of descriptions; a sample with any problem is bad
         problems: dict[str, list[str]] = {}
-        samples: list[_Sample] = []
+        samples: list[Sample] = []
         kp_counts: Counter[int] = Counter()
-        cache = _ScanCache(self.root)
+        cache = ScanCache(self.root)
 
         def bad(kind: str, what: str) -> None:
             problems.setdefault(kind, []).append(what)
@@ -630,7 +339,7 @@ class FolderDataset(Component, Dataset):
 
         if problems:
             n_bad = len(chosen) - len(samples)
-            report = "; ".join(f"{len(v)} {k}: {_shown(v)}" for k, v in problems.items())
+            report = "; ".join(f"{len(v)} {k}: {shown(v)}" for k, v in problems.items())
             msg = f"{self.root}: {n_bad} of {len(chosen)} samples have problems: {report}"
             if self.params.on_bad_file == "error":
                 raise VqgenError(
@@ -677,7 +386,7 @@ class FolderDataset(Component, Dataset):
             i = (index + attempt) % n
             try:
                 return self._load(self.samples[i], index)
-            except _READ_ERRORS as err:  # never crash an epoch halfway
+            except READ_ERRORS as err:  # never crash an epoch halfway
                 s = self.samples[(index + attempt + 1) % n]
                 warnings.warn(
                     f"could not read sample {self.samples[i].image} ({type(err).__name__}: "
@@ -687,7 +396,7 @@ class FolderDataset(Component, Dataset):
                 )
         raise VqgenError(f"{self.root}: none of the {n} samples could be read")
 
-    def _load(self, s: _Sample, index: int) -> dict[str, torch.Tensor]:
+    def _load(self, s: Sample, index: int) -> dict[str, torch.Tensor]:
         p = self.params
         res = p.resolution
         rng = None if p.seed < 0 else np.random.default_rng([p.seed, self.epoch, index])

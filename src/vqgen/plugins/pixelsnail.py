@@ -29,6 +29,9 @@ Conditioning (``cond_vocab_size > 0``; ids arrive offset by the pipeline into
 Incremental decoding recomputes the forward pass over the rows up to the current one
 (rows below never influence it) with the condition features cached, so ``step`` gives the
 full forward's logits at that position.
+
+Why one file of this size: one readable file per architecture, as :mod:`vqgen.plugins.gpt`
+(params, causal convolutions, gated blocks, attention, decoding state).
 """
 
 from __future__ import annotations
