@@ -32,7 +32,9 @@ from vqgen.core.errors import VqgenError
 from vqgen.core.interfaces import cond_stage_tokenizer
 from vqgen.core.io import atomic_write_text
 from vqgen.core.layout import (
+    BEST_DIR,
     CONFIG_FILE,
+    HISTORY_DIR,
     LOCK_FILE,
     LOCK_OWNER_FILE,
     META_FILE,
@@ -74,12 +76,12 @@ def stage_step(run_dir: Path, stage: str) -> int | None:
         # history/ and best/ alone are no checkpoint (a first commit killed before its
         # pointer switch leaves only history/), nor are temporary files (.name)
         left = sorted(p.name for p in d.iterdir() if not p.name.startswith(".")
-                      and p.name not in ("history", "best")) if d.is_dir() else []
+                      and p.name not in (HISTORY_DIR, BEST_DIR)) if d.is_dir() else []
         if left:
             raise VqgenError(
                 f"{d} holds {', '.join(left[:5])}{' …' if len(left) > 5 else ''} but no "
                 "meta.json, so the stage's files disagree; nothing was changed. Restore "
-                f"meta.json from a whole checkpoint in {run_dir / stage / 'history'} (or "
+                f"meta.json from a whole checkpoint in {run_dir / stage / HISTORY_DIR} (or "
                 f"best/), or move {run_dir / stage} away to train the stage afresh"
             )
         return None

@@ -38,6 +38,9 @@ __all__ = [
     "BEST_DIR",
     "BEST_FILE",
     "CLASSIFIER_FILE",
+    "DEMO_METRICS",
+    "DEMO_RECONSTRUCTIONS",
+    "DEMO_SAMPLES",
     "CONFIG_FILE",
     "CURRENT",
     "EVAL_FILE",
@@ -74,6 +77,10 @@ LOCK_OWNER_FILE = ".lock.owner"
 CLASSIFIER_FILE = "classifier.safetensors"  # the judge `vqgen eval` finds by itself
 EVAL_FILE = "eval.json"  # what `vqgen eval` writes by default
 IMPORT_FILE = "taming_import.json"  # an imported run's record of what was loaded
+# what `make demo` (vqgen.evaluation.demo) writes beside the stages
+DEMO_SAMPLES = "samples.png"
+DEMO_RECONSTRUCTIONS = "reconstructions.png"
+DEMO_METRICS = "metrics.json"
 # inside a stage directory (vqgen.core.checkpoint) and a token cache folder
 META_FILE = "meta.json"  # a checkpoint's (and a token cache's) description
 WEIGHTS_FILE = "weights.safetensors"

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from vqgen.core.layout import METRICS_FILE
+from vqgen.core.layout import DEMO_METRICS, DEMO_RECONSTRUCTIONS, DEMO_SAMPLES, METRICS_FILE
 from vqgen.evaluation.metrics import CLASSIFIER_FILE, class_accuracy, psnr
 from vqgen.evaluation.pictures import registry_of
 from vqgen.evaluation.run import prior_nll
@@ -44,10 +44,10 @@ def demo_report(pipe: Any, run_dir: str | os.PathLike[str], *, train_s: float,
     judged = class_accuracy(pipe, clf, _JUDGED_PER_CLASS, seed=0)
     n_classes = int(pipe.conditioner.n_classes)
     shown = judged["images"].reshape(n_classes, _JUDGED_PER_CLASS, *judged["images"].shape[1:])
-    samples = save_image_grid(shown[:, :per_class].flatten(0, 1), run / "samples.png",
+    samples = save_image_grid(shown[:, :per_class].flatten(0, 1), run / DEMO_SAMPLES,
                               nrow=per_class)
     held, x, labels, codes, recon = _reconstruct(pipe)
-    recons = save_image_grid(torch.cat([x[:8], recon[:8]]), run / "reconstructions.png", nrow=8)
+    recons = save_image_grid(torch.cat([x[:8], recon[:8]]), run / DEMO_RECONSTRUCTIONS, nrow=8)
     gain = prior_nll(pipe, run, held)
     metrics = {
         "train_wall_s": round(train_s, 1),
@@ -68,10 +68,10 @@ def demo_report(pipe: Any, run_dir: str | os.PathLike[str], *, train_s: float,
         "samples": str(samples),
         "reconstructions": str(recons),
     }
-    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(run / DEMO_METRICS, json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics, indent=2))
     print(f"samples: {samples} (one row per class)\nreconstructions: {recons} "
-          f"(held-out inputs above reconstructions)\nmetrics: {run / 'metrics.json'}")
+          f"(held-out inputs above reconstructions)\nmetrics: {run / DEMO_METRICS}")
     return metrics
 
 
