@@ -150,6 +150,7 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     from vqgen.core.registry import default_registry
 
     _check_output(args.output)
+    _count("--per-class", args.per_class, 1, MAX_PREVIEW)
     params = _parse_kv(args.param)
     if args.resolution is not None:
         params["resolution"] = args.resolution
@@ -203,6 +204,14 @@ def _threads(n: int | None) -> int | None:
 MAX_SAMPLES = 100_000  # --n: more is a typo, and would fill memory before any output
 MAX_SIDE = 8192  # --size: pixels per side
 MAX_GRID = 1024  # import taming --grid: codes per side
+MAX_PREVIEW = 64  # data preview --per-class: samples per row
+
+
+def _count(flag: str, value: int, lo: int, hi: int) -> int:
+    """``value`` of ``flag`` if ``lo <= value <= hi``, else a VqgenError naming both."""
+    if not lo <= value <= hi:
+        raise VqgenError(f"{flag} must be between {lo} and {hi}, got {value}")
+    return value
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -211,8 +220,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from vqgen.core.images import save_image_grid
     from vqgen.runs import load_run
 
-    if not 1 <= args.n <= MAX_SAMPLES:
-        raise VqgenError(f"--n must be between 1 and {MAX_SAMPLES}, got {args.n}")
+    _count("--n", args.n, 1, MAX_SAMPLES)
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise VqgenError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     _threads(args.threads)
@@ -352,6 +360,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vqgen.evaluation import evaluate_run
     from vqgen.runs import load_run
 
+    _count("--n", args.n, 1, MAX_SAMPLES)
+    _count("--per-class", args.per_class, 1, MAX_SAMPLES)
+    _count("--fid", args.fid, 0, MAX_SAMPLES)
     _threads(args.threads)
     if args.output:
         _check_output(args.output)
@@ -381,6 +392,8 @@ def _cmd_import_taming(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vqgen.runs import run_demo
 
+    _count("--per-class", args.per_class, 1, 32)
+    _count("--classifier-steps", args.classifier_steps, 1, 10**7)
     run_demo(args.config, args.out, per_class=args.per_class,
              classifier_steps=args.classifier_steps)
     return 0

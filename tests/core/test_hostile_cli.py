@@ -397,6 +397,18 @@ CASES = [
     Case("lock_is_a_folder", TRAIN, ["cannot lock {run}/.lock"], damage=_lock_is_a_folder),
     Case("lock_owner_binary_while_held", TRAIN, ["in use by another vqgen process"],
          damage=_lock_held_with_binary_owner),
+    # counts that would fill memory before any output
+    Case("preview_per_class_huge",
+         ["data", "preview", "shapes", "--per-class", "1000000000", "-o", "{tmp}/out.png"],
+         ["--per-class must be between 1 and 64, got 1000000000"]),
+    Case("eval_per_class_huge", ["eval", "{run}", "--per-class", "1000000000", "-o",
+                                 "{tmp}/out.png"], ["--per-class must be between 1 and 100000"]),
+    Case("eval_n_zero", ["eval", "{run}", "--n", "0", "-o", "{tmp}/out.png"],
+         ["--n must be between 1 and 100000, got 0"]),
+    Case("eval_fid_negative", ["eval", "{run}", "--fid", "-1", "-o", "{tmp}/out.png"],
+         ["--fid must be between 0 and 100000, got -1"]),
+    Case("demo_per_class_over_32", ["demo", "--per-class", "33", "--out", "{tmp}/demo"],
+         ["--per-class must be between 1 and 32, got 33"]),
     # data
     Case("training_labels_out_of_range",
          ["train", "{tmp}/bad_labels.yaml", "--run-dir", "{tmp}/fresh"],
