@@ -191,6 +191,12 @@ def _lock_is_a_folder(run: Path) -> None:
     (run / ".lock").mkdir()
 
 
+def _huge_seg_beside(run: Path) -> None:
+    """A 20000×20000 label map in the scratch folder beside ``run`` (made only for the
+    case that reads it: 400 MB to decode)."""
+    Image.new("L", (20000, 20000)).save(run.parent / "scratch" / "seg_huge.png")
+
+
 def _unlink_real(rel: str) -> Callable[[Path], None]:
     return lambda run: (run / rel).resolve().unlink()
 
@@ -252,6 +258,8 @@ CASES = [
     Case("seg_smaller_than_training", [*SAMPLE, "--cond", "{tmp}/seg20.png"],
          ["--cond {tmp}/seg20.png", "smaller than the training grid 8x8 (32x32 pixels)"],
          run="seg"),
+    Case("seg_huge", [*SAMPLE, "--cond", "{tmp}/seg_huge.png"],
+         ["condition file {tmp}/seg_huge.png is too large"], run="seg", damage=_huge_seg_beside),
     Case("seg_not_multiple_of_f", [*SAMPLE, "--cond", "{tmp}/seg33.png"],
          ["--cond {tmp}/seg33.png", "33x33", "f=4"], run="seg"),
     Case("seg_label_out_of_range", [*SAMPLE, "--cond", "{tmp}/seg198.png"],

@@ -249,6 +249,9 @@ def read_condition(key: str, path: str | os.PathLike[str]) -> torch.Tensor:
         return u8_to_image(np.asarray(load_rgb(path)))[None]  # (1, 3, H, W)
     except VqgenError:
         raise
+    except Image.DecompressionBombError as err:  # neither OSError nor ValueError
+        raise VqgenError(f"condition file {path} is too large to read as {key!r} ({err}); "
+                         "resize it to the size you sample at") from None
     except (ValueError, OSError) as err:
         raise VqgenError(f"condition file {path} cannot be read as {key!r}: {err}") from None
 
