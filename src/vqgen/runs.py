@@ -411,6 +411,12 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
                         for e in err.errors()) if isinstance(err, ValidationError) else err
         raise VqgenError(f"{run / PIPELINE_FILE} is damaged ({why}); write it again "
                          f"with {resume}") from None
+    if isinstance(config.data.params.get("resolution"), int) and config.prior is not None:
+        expected = _stage1_grid(config, tokenizer)
+        if tuple(grid) != tuple(expected):
+            raise VqgenError(
+                f"{run / PIPELINE_FILE} is damaged (grid {list(grid)}, but the data's resolution "
+                f"over the tokenizer's f gives {list(expected)}); write it again with {resume}")
     prior = load_component(run / "prior", registry, map_location) if config.prior else None
     if _has_cond_stage(conditioner):
         _load_cond_tokenizer(run, conditioner, map_location)

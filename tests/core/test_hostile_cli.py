@@ -197,6 +197,26 @@ def _huge_seg_beside(run: Path) -> None:
     Image.new("L", (20000, 20000)).save(run.parent / "scratch" / "seg_huge.png")
 
 
+def _replace_with_file(rel: str) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        target = run / rel
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        else:
+            shutil.rmtree(target)
+        target.write_text("not a folder\n")
+    return damage
+
+
+def _meta_field(rel: str, **fields: object) -> Callable[[Path], None]:
+    def damage(run: Path) -> None:
+        target = (run / rel).resolve()
+        meta = json.loads(target.read_text())
+        target.unlink()  # may be hard-linked into history and best
+        target.write_text(json.dumps({**meta, **fields}))
+    return damage
+
+
 def _unlink_real(rel: str) -> Callable[[Path], None]:
     return lambda run: (run / rel).resolve().unlink()
 
@@ -417,6 +437,14 @@ CASES = [
          ["--fid must be between 0 and 100000, got -1"]),
     Case("demo_per_class_over_32", ["demo", "--per-class", "33", "--out", "{tmp}/demo"],
          ["--per-class must be between 1 and 32, got 33"]),
+    # checkpoint internals
+    Case("tokens_is_a_file", ["eval", "{run}", "-o", "{tmp}/out.png"],
+         ["the token cache {run}/tokens is not a folder"],
+         damage=_replace_with_file("tokens")),
+    Case("meta_names_a_sampler", SAMPLE, ["meta.json"],
+         damage=_meta_field("prior/meta.json", kind="sampler", name="top_k")),
+    Case("pipeline_grid_beyond_block", SAMPLE, ["pipeline.json is damaged (grid [64, 64]"],
+         damage=_write("pipeline.json", '{"grid": [64, 64]}')),
     # data
     Case("training_labels_out_of_range",
          ["train", "{tmp}/bad_labels.yaml", "--run-dir", "{tmp}/fresh"],

@@ -134,6 +134,9 @@ class TokenCache:
             except VqgenError as exc:  # derived data: encode it again
                 warnings.warn(f"{exc}; rebuilding it", DataWarning, stacklevel=2)
                 shutil.rmtree(path)
+        if path.parent.exists() and not path.parent.is_dir():
+            raise VqgenError(f"the token cache {path.parent} is not a folder; move it away "
+                             "(it holds derived data that vqgen writes again)")
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{key}.*"):  # a build that was killed
             shutil.rmtree(stale, ignore_errors=True)
