@@ -352,24 +352,32 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
 
 
 def _restore_layout(run: Path, config: PipelineConfig, tokenizer: Any) -> None:
-    """Write ``pipeline.json`` of a finished run again where it is missing or damaged
-    (its grid follows from the data's resolution and the tokenizer's f)."""
+    """Write ``pipeline.json`` of a finished run again where it is missing, damaged or
+    holds a grid that the data's resolution and the tokenizer's f cannot give (its
+    ``cond_offset`` kept where the file could be read)."""
+    expected = _data_grid(config, tokenizer)
+    if expected is None:
+        return
     try:
-        read_pipeline_layout(run)
+        layout = read_pipeline_layout(run)
     except (OSError, ValueError):
-        if isinstance(config.data.params.get("resolution"), int):
-            write_pipeline_layout(run, _stage1_grid(config, tokenizer))
+        write_pipeline_layout(run, expected)
+        return
+    if tuple(layout.grid) != expected:
+        write_pipeline_layout(run, expected, layout.cond_offset)
 
 
+def _data_grid(config: PipelineConfig, tokenizer: Any) -> tuple[int, int] | None:
+    """The latent grid the data's resolution gives over the tokenizer's f; None where
+    the data set names no resolution."""
+    res = config.data.params.get("resolution")
+    return tuple(tokenizer.latent_shape(res, res)) if isinstance(res, int) else None
 
 
 def _stage1_grid(config: PipelineConfig, tokenizer: Any) -> tuple[int, int]:
-    """The latent grid of a stage-1-only run: the data's resolution over the tokenizer's f
-    (1×1 where the data set names no resolution)."""
-    res = config.data.params.get("resolution")
-    if not isinstance(res, int):
-        return (1, 1)
-    return tokenizer.latent_shape(res, res)  # type: ignore[no-any-return]
+    """The latent grid of a stage-1-only run: :func:`_data_grid` (1×1 where the data set
+    names no resolution)."""
+    return _data_grid(config, tokenizer) or (1, 1)
 
 
 def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
@@ -411,12 +419,11 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
                         for e in err.errors()) if isinstance(err, ValidationError) else err
         raise VqgenError(f"{run / PIPELINE_FILE} is damaged ({why}); write it again "
                          f"with {resume}") from None
-    if isinstance(config.data.params.get("resolution"), int) and config.prior is not None:
-        expected = _stage1_grid(config, tokenizer)
-        if tuple(grid) != tuple(expected):
-            raise VqgenError(
-                f"{run / PIPELINE_FILE} is damaged (grid {list(grid)}, but the data's resolution "
-                f"over the tokenizer's f gives {list(expected)}); write it again with {resume}")
+    expected = _data_grid(config, tokenizer)
+    if config.prior is not None and expected is not None and tuple(grid) != expected:
+        raise VqgenError(
+            f"{run / PIPELINE_FILE} is damaged (grid {list(grid)}, but the data's resolution "
+            f"over the tokenizer's f gives {list(expected)}); write it again with {resume}")
     prior = load_component(run / "prior", registry, map_location) if config.prior else None
     if _has_cond_stage(conditioner):
         _load_cond_tokenizer(run, conditioner, map_location)

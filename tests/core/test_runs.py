@@ -158,3 +158,20 @@ def test_a_run_written_before_new_fields_and_stage_defaults_still_resumes(
     assert main(["train", str(tmp_path / "changed.yaml"), "--run-dir", str(old),
                  "--resume"]) == 2
     assert "train.prior.optimizer: 'adamw' → 'sgd'" in capsys.readouterr().err
+
+
+def test_a_wrong_grid_in_pipeline_json_is_mended_by_the_resume_it_names(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    (copy / "pipeline.json").write_text('{"grid": [64, 64]}')
+    capsys.readouterr()
+    assert main(["sample", str(copy), "--n", "1", "-o", str(tmp_path / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert "pipeline.json is damaged (grid [64, 64]" in err and "--resume" in err
+    assert main(["train", str(copy / "config.yaml"), "--run-dir", str(copy), "--resume"]) == 0
+    assert json.loads((copy / "pipeline.json").read_text()) == {"grid": [8, 8]}
+    assert main(["sample", str(copy), "--n", "1", "-o", str(tmp_path / "b.png")]) == 0
