@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 import vqgen
 from vqgen.cli import main
 from vqgen.core.checkpoint import load_component
-from vqgen.core.config import parse_config
+from vqgen.core.config import ConfigError, parse_config
 from vqgen.evaluation import psnr, ssim
 from vqgen.runs import stage_step
 from vqgen.training import loggers
@@ -43,8 +44,6 @@ def tiny(**train: Any) -> dict[str, Any]:
 
 def copy_run(run: Path, dest: Path) -> Path:
     """A copy of a run directory with its layout (``current`` and the top-level links)."""
-    import shutil
-
     shutil.copytree(run, dest, symlinks=True)
     return dest
 
@@ -364,7 +363,11 @@ _DDP_SCRIPT = textwrap.dedent('''
 
 
 
-def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process_with_the_global_batch(
+        tmp_path: Path, strategy: str) -> None:
+    """Under DDP and under FSDP (the prior's weights, gradients and optimizer state
+    sharded over the two ranks), two processes train what one does on the global batch."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
     # Plain SGD (train.*.optimizer: sgd) instead of Adam: an update linear in the gradient
@@ -375,6 +378,7 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(tmp_path: Pa
     per_rank = tiny(tokenizer={**common, "steps": 3, "batch_size": 4},
                     prior={**common, "steps": 3, "batch_size": 4, "cond_dropout": 0.3})
     per_rank["conditioner"]["params"]["null_token"] = True
+    per_rank["train"]["prior"]["strategy"] = strategy
     single = json.loads(json.dumps(per_rank))
     single["train"]["tokenizer"]["batch_size"] = 8
     single["train"]["prior"]["batch_size"] = 8
@@ -434,6 +438,59 @@ def test_torchrun_cli_trains_a_run_that_samples(tmp_path: Path) -> None:
     assert [r["step"] for r in records if r["stage"] == "prior"] == [1, 2]  # rank 0 alone logs
     pipe = vqgen.load_run(run)
     assert pipe.generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)
+
+
+def _torchrun_train(cfg: Path, run: Path, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "vqgen", "train", str(cfg), "--run-dir", str(run), "--threads", "1", *extra],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_fsdp_checkpoints_are_whole_resume_exactly_and_sample_in_one_process(
+        tmp_path: Path) -> None:
+    common = {"device": "cpu", "log_every": 1, "image_every": 0}
+    config = tiny(tokenizer={**common, "steps": 2, "batch_size": 4},
+                  prior={**common, "steps": 4, "batch_size": 4, "checkpoint_every": 2,
+                         "strategy": "fsdp"})
+    config["prior"]["params"]["n_layer"] = 2
+    cfg = write_config(tmp_path / "c.yaml", config)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _torchrun_train(cfg, straight)
+    # the same run stopped after step 2: its checkpoint at step 2 made current again
+    prior = copy_run(straight, resumed) / "prior"
+    shutil.rmtree(prior / "history" / "step_000004")
+    (prior / "current").unlink()
+    (prior / "current").symlink_to("history/step_000002")
+    _torchrun_train(cfg, resumed, "--resume")
+    a = load_file(str(straight / "prior" / "weights.safetensors"))
+    b = load_file(str(resumed / "prior" / "weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit-exact across the sharded resume
+    # whole tensors on disk, as one process writes them: the weights load in one process,
+    # and the Adam moments have their parameters' full shapes
+    pipe = vqgen.load_run(straight)
+    shapes = sorted(tuple(p.shape) for p in pipe.prior.parameters())
+    state = torch.load(straight / "prior" / "train_state.pt", weights_only=True)
+    moments = state["optimizer"]["state"].values()
+    assert sorted(tuple(m["exp_avg"].shape) for m in moments) == shapes
+    assert sorted(tuple(m["exp_avg_sq"].shape) for m in moments) == shapes
+    assert pipe.generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)
+
+
+def test_fsdp_is_the_prior_stage_only() -> None:
+    for stage in ("tokenizer", "cond"):
+        config = tiny()
+        config["train"][stage] = {"strategy": "fsdp"}
+        with pytest.raises(ConfigError, match=rf"train.{stage}.strategy: .*fsdp shards the prior"):
+            parse_config(config)
+    config = tiny()
+    config["train"]["prior"]["strategy"] = "fsdp"
+    assert parse_config(config).train.prior.strategy == "fsdp"
 
 
 @pytest.mark.cuda

@@ -171,8 +171,10 @@ def save_component(
     name: str,
     step: int,
     metrics: Mapping[str, Any] | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``weights.safetensors`` (the state_dict) and ``meta.json`` into ``directory``.
+    """Write ``weights.safetensors`` (the state_dict, or ``weights`` where given) and
+    ``meta.json`` into ``directory``.
 
     ``meta.json``: ``{"kind", "name", "params", "step", "metrics", "vqgen_version"}``,
     with ``params`` the component's validated params, so :func:`load_component` can
@@ -181,7 +183,7 @@ def save_component(
     from vqgen.core.version import __version__
 
     directory = Path(directory)
-    save_tensors(module.state_dict(), directory / WEIGHTS_FILE)
+    save_tensors(module.state_dict() if weights is None else weights, directory / WEIGHTS_FILE)
     params = module.params.model_dump(mode="json")  # type: ignore[union-attr,operator]
     meta = {
         "kind": kind, "name": name, "params": params, "step": step,

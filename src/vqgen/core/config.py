@@ -37,6 +37,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -153,6 +154,10 @@ class StageTrainConfig(_Strict):
         "bf16", description="CUDA autocast dtype, both stages (fp16 adds a grad scaler)"
     )
     compile: bool = Field(False, description="torch.compile the prior on CUDA")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (every rank holds the whole model) or fsdp "
+        "(weights, gradients and optimizer state sharded over ranks, one unit per block; "
+        "the prior stage only). Checkpoints are the same either way")
     keep_last: int = Field(
         2, ge=0, description="step-numbered checkpoints kept in <stage>/history (0: none)"
     )
@@ -182,6 +187,16 @@ def _stage_config(stage: str) -> type[StageTrainConfig]:
                 object.__setattr__(self, name, value)
         return self
 
+    validators: dict[str, Any] = {"_fill": model_validator(mode="after")(fill)}
+    if stage != "prior":
+        def replicated(value: str) -> str:
+            if value != "ddp":
+                raise ValueError(
+                    "fsdp shards the prior stage only (a tokenizer's discriminator and "
+                    "codebook restarts train replicated); use ddp here, fsdp in train.prior")
+            return value
+
+        validators["_replicated"] = field_validator("strategy")(replicated)
     fields: dict[str, Any] = {
         name: (StageTrainConfig.model_fields[name].annotation,
                Field(value, description=StageTrainConfig.model_fields[name].description))
@@ -190,7 +205,7 @@ def _stage_config(stage: str) -> type[StageTrainConfig]:
     return create_model(  # type: ignore[call-overload,no-any-return]
         f"{stage.capitalize()}TrainConfig", __base__=StageTrainConfig,
         __doc__=f"Training settings of the {stage} stage (defaults: {defaults}).",
-        __validators__={"_fill": model_validator(mode="after")(fill)}, **fields,
+        __validators__=validators, **fields,
     )
 
 

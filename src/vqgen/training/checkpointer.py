@@ -58,10 +58,13 @@ class Checkpointer:
         return self.root is not None and (checkpoint_dir(self.root) / META_FILE).is_file()
 
     def save(self, step: int, state: Mapping[str, Any] | None, metrics: Mapping[str, Any],
-             val_loss: float | None = None) -> None:
+             val_loss: float | None = None, *,
+             weights: Mapping[str, torch.Tensor] | None = None) -> None:
         """Commit the checkpoint after ``step`` steps (``state``: the objective's training
         state; None for a finished stage that will not resume, e.g. weights taken from
-        another run) and keep it in history / as ``best`` on ``val_loss``."""
+        another run) and keep it in history / as ``best`` on ``val_loss``. ``weights``:
+        the module's state_dict where it is not ``module.state_dict()`` (gathered from
+        shards under FSDP)."""
         if self.root is None:
             return
         with checkpoint_commit(self.root, step) as unit:  # every file, then one pointer switch
@@ -71,7 +74,7 @@ class Checkpointer:
                 save_state({**state, "step": step, "rng": rng_state(),
                             "buffers": extra_buffers(self.module)}, unit / STATE_FILE)
             save_component(unit, self.module, kind=self.kind, name=self.name, step=step,
-                           metrics=metrics)
+                           metrics=metrics, weights=weights)
         keep_checkpoint(self.root, step, keep_last=self.keep_last, val_loss=val_loss,
                         keep_best=self.keep_best)
 

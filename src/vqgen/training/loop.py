@@ -191,7 +191,8 @@ def _optimisation_step(obj: Objective, rt: Runtime, optims: Sequence[Optim], str
 
 class _Cadence:
     """When to log, preview, evaluate and checkpoint; what the records and checkpoints
-    hold. Held-out evaluation runs at most once per step (on rank 0)."""
+    hold. Held-out evaluation runs at most once per step (on rank 0; on every rank alike
+    under FSDP, where checkpoints and previews take every rank too)."""
 
     def __init__(self, obj: Objective, rt: Runtime, checkpointer: Checkpointer | None,
                  loggers: Sequence[Logger]) -> None:
@@ -201,18 +202,28 @@ class _Cadence:
         self.val: tuple[int, dict[str, float]] = (-1, {})
 
     def evaluate(self, done: int) -> dict[str, float]:
+        """Held-out figures after ``done`` steps (rank 0; every rank alike under FSDP)."""
         if self.val[0] != done:
-            self.val = (done, self.obj.evaluate(done) if self.rt.main else {})
+            val = {}
+            if self.rt.main or self.rt.sharded:
+                with self.rt.gathered():
+                    val = self.obj.evaluate(done)
+            self.val = (done, val if self.rt.main else {})
         return self.val[1]
 
     def save(self, done: int) -> None:
+        """A checkpoint after ``done`` steps, written by rank 0 (under FSDP every rank
+        gathers the sharded weights and optimizer state first)."""
         ckpt = self.checkpointer
-        if ckpt is None or ckpt.root is None:
+        if ckpt is None or (ckpt.root is None and not self.rt.sharded):
             return
         val = self.evaluate(done)
+        state, weights = self.obj.state_dict(), self.rt.full_state(ckpt.module)
+        if ckpt.root is None:
+            return
         key = self.obj.val_key
-        ckpt.save(done, self.obj.state_dict(), {**self.record, **val},
-                  val.get(key) if key else None)
+        ckpt.save(done, state, {**self.record, **val}, val.get(key) if key else None,
+                  weights=weights)
 
     def after(self, done: int, s: _Step) -> None:
         """The logs, previews and checkpoints due after ``done`` steps."""
@@ -230,8 +241,10 @@ class _Cadence:
             self.record = record
             for lg in self.loggers:
                 lg.scalars(record)
-        if cfg.image_every > 0 and _every(cfg.image_every, done, total) and self.loggers:
-            shot = obj.preview(done)
+        if cfg.image_every > 0 and _every(cfg.image_every, done, total) and (
+                self.loggers or self.rt.sharded):
+            with self.rt.gathered():  # every rank draws it under FSDP; rank 0 logs
+                shot = obj.preview(done)
             if shot is not None:
                 for lg in self.loggers:
                     lg.images(obj.stage, done, *shot)

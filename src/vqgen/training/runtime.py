@@ -1,11 +1,18 @@
-"""Where a stage runs: device, processes (DDP), mixed precision and seeding, behind a few verbs.
+"""Where a stage runs: device, processes (DDP or FSDP), mixed precision and seeding, behind
+a few verbs.
 
 The loop (:mod:`vqgen.training.loop`) and the objectives never touch
 ``torch.distributed``, ``torch.autocast`` or a ``GradScaler`` themselves; they ask the
 :class:`Runtime`:
 
-* :meth:`Runtime.wrap` — a module whose gradients are averaged over ranks (DDP), or
-  the module itself for one process;
+* :meth:`Runtime.wrap` — a module whose gradients are averaged over ranks (DDP), whose
+  parameters, gradients and optimizer state are sharded over ranks (``strategy="fsdp"``:
+  PyTorch's ``fully_shard``, one unit per block), or the module itself for one process;
+* :meth:`Runtime.full_state` / :meth:`Runtime.full_optimizer_state` /
+  :meth:`Runtime.shard_optimizer_state` / :meth:`Runtime.gathered` — under FSDP, the
+  whole tensors for a checkpoint (the same files as one process writes, so any number of
+  processes resumes them and ``vqgen sample`` loads them), and every parameter gathered
+  on every rank while evaluation and previews run;
 * :meth:`Runtime.autocast` / :meth:`Runtime.accumulate` — the context of one
   micro-batch's forward pass (bf16/fp16 autocast on CUDA; no gradient sync before
   the last micro-batch);
@@ -16,7 +23,15 @@ The loop (:mod:`vqgen.training.loop`) and the objectives never touch
 
 Under ``torchrun`` every process trains on its slice of each global batch; with the same
 global batch the result equals one process (see the module docstring of
-:mod:`vqgen.training.engine`). A later backend (FSDP) changes this file only.
+:mod:`vqgen.training.engine`), under DDP and FSDP alike.
+
+FSDP (``train.prior.strategy: fsdp``, launched by torchrun like DDP) keeps 1/N of the
+weights, gradients and Adam moments on each of N ranks and gathers one block's weights at
+a time in the forward and backward passes: for a prior whose training state does not fit
+one device under DDP. Under FSDP every rank takes part in what touches the weights:
+checkpoints (gathered, rank 0 writes), held-out evaluation and previews (the same work on
+every rank, rank 0 logs); the optimizer is rebuilt over the sharded parameters and its
+state sharded from the whole one it was restored with.
 """
 
 from __future__ import annotations
@@ -24,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +50,11 @@ from torch import nn
 
 from vqgen.core.errors import VqgenError
 
-__all__ = ["DistInfo", "Runtime", "barrier", "configure_threads", "default_threads",
+__all__ = ["STRATEGIES", "DistInfo", "Runtime", "barrier", "configure_threads", "default_threads",
            "resolve_device", "seed_everything", "setup_distributed", "world_size"]
 
+#: how a stage runs on several processes: replicated weights (DDP) or sharded ones (FSDP)
+STRATEGIES = ("ddp", "fsdp")
 #: the most CPU threads the default picks: beyond this, small models gain nothing
 MAX_DEFAULT_THREADS = 16
 #: cgroup v2's CPU quota of this process's group ("max PERIOD" or "QUOTA PERIOD")
@@ -79,6 +96,13 @@ def configure_threads(threads: int | None) -> int:
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
+
+
+def _whole(value: Any) -> Any:
+    """A sharded tensor (DTensor) gathered whole on the CPU; anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor().cpu() if isinstance(value, DTensor) else value
 
 
 def world_size() -> int:
@@ -149,15 +173,22 @@ class Runtime:
     """Device, ranks and precision of one stage (see the module docstring).
 
     ``amp``: ``"bf16"`` / ``"fp16"`` autocast on CUDA (fp16 with a gradient scaler), or
-    ``"none"``; on the CPU always full precision. ``info`` / ``device`` default to
-    joining the torchrun job of the environment on ``device_name``.
+    ``"none"``; on the CPU always full precision. ``strategy``: ``"ddp"`` or ``"fsdp"``
+    (see the module docstring; the same for one process). ``info`` / ``device`` default
+    to joining the torchrun job of the environment on ``device_name``.
     """
 
     def __init__(self, device_name: str = "auto", amp: str = "none", *,
-                 info: DistInfo | None = None, device: torch.device | None = None) -> None:
+                 info: DistInfo | None = None, device: torch.device | None = None,
+                 strategy: str = "ddp") -> None:
+        if strategy not in STRATEGIES:
+            raise VqgenError(f"unknown strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
         if info is None or device is None:
             info, device = setup_distributed(device_name)
         self.info, self.device = info, device
+        #: whether weights are sharded over ranks (FSDP on more than one process)
+        self.sharded = strategy == "fsdp" and info.world > 1
+        self._units: list[nn.Module] = []  # FSDP's units, the root last
         self.cuda = device.type == "cuda"
         self.amp = self.cuda and amp != "none"
         self.amp_dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -175,12 +206,78 @@ class Runtime:
         if self.info.world > 1:
             torch.manual_seed(seed * 1_000_003 + self.info.rank + start)
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        """``module`` with its gradients averaged over ranks by DDP (as is for one process)."""
+    def wrap(self, module: nn.Module, units: Sequence[nn.Module] = ()) -> nn.Module:
+        """``module`` with its gradients averaged over ranks by DDP (as is for one process);
+        under FSDP sharded in place, each of ``units`` (e.g. the transformer blocks) its own
+        unit and ``module`` the root. Optimizers made before sharding hold parameters that
+        are gone: rebuild them (:meth:`shard_optimizer_state` moves their state over)."""
         if self.info.world == 1:
+            return module
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            # this stage's device type, not the machine's accelerator: a CPU stage on a
+            # CUDA machine must not have its shards moved to the GPU
+            mesh = init_device_mesh(self.device.type, (self.info.world,))
+            for unit in units:
+                fully_shard(unit, mesh=mesh)
+            fully_shard(module, mesh=mesh)
+            self._units = [*units, module]
             return module
         ids = [self.device.index] if self.cuda else None
         return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    # -- whole tensors of sharded ones (collectives under FSDP: call on every rank) --------
+    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
+        """``module``'s state_dict with every sharded tensor gathered whole (on the CPU), as
+        one process would save it; None when nothing is sharded (save ``module`` as is)."""
+        if not self.sharded:
+            return None
+        return {k: _whole(v) for k, v in module.state_dict().items()}
+
+    def full_optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """``opt.state_dict()`` with sharded moments gathered whole (what one process saves)."""
+        state = opt.state_dict()
+        if not self.sharded:
+            return state
+        return {**state, "state": {i: {k: _whole(v) for k, v in s.items()}
+                                   for i, s in state["state"].items()}}
+
+    def shard_optimizer_state(self, state: dict[str, Any], opt: torch.optim.Optimizer
+                              ) -> dict[str, Any]:
+        """A whole optimizer state (``opt.state_dict()`` of one process, same parameter
+        order) with each parameter-shaped tensor sharded like ``opt``'s parameter."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for g in opt.param_groups for p in g["params"]]
+        out = {}
+        for i, s in state["state"].items():
+            p = params[int(i)]
+            out[i] = {k: distribute_tensor(v.to(self.device), p.device_mesh, p.placements)
+                      if isinstance(p, DTensor) and isinstance(v, torch.Tensor)
+                      and v.shape == p.shape else v for k, v in s.items()}
+        return {**state, "state": out}
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Every sharded parameter whole on every rank within (nothing otherwise): for
+        evaluation and previews, which every rank must then run alike (a forward pass on
+        one rank alone leaves FSDP's state out of step with the others)."""
+        if not self._units:
+            yield
+            return
+        root = self._units[-1]
+        root.set_reshard_after_forward(False, recurse=True)  # type: ignore[operator]
+        for unit in self._units:
+            unit.unshard()  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            for unit in self._units:
+                unit.reshard()  # type: ignore[operator]
+            for unit in self._units[:-1]:  # the root stays unsharded after forward
+                unit.set_reshard_after_forward(True, recurse=False)  # type: ignore[operator]
 
     def to_device(self, value: Any) -> Any:
         """A tensor moved to this device (anything else as it is)."""
@@ -194,7 +291,9 @@ class Runtime:
 
     def accumulate(self, model: nn.Module, last: bool) -> Any:
         """The context of a micro-batch's forward pass: no gradient sync before the last."""
-        if self.info.world > 1 and not last and hasattr(model, "no_sync"):
+        if self.sharded:  # FSDP: reduce-scatter the gradients after the last micro-batch only
+            model.set_requires_gradient_sync(last)  # type: ignore[operator]
+        elif self.info.world > 1 and not last and hasattr(model, "no_sync"):
             return model.no_sync()
         return contextlib.nullcontext()
 

@@ -113,7 +113,7 @@ def train_prior(
     """
     registry = registry or default_registry()
     cfg = config.train.prior
-    rt = Runtime(cfg.device, cfg.amp)
+    rt = Runtime(cfg.device, cfg.amp, strategy=cfg.strategy)
     progress = progress and rt.main
     run = Path(run_dir) if run_dir else None
     tokenizer = tokenizer.to(rt.device).eval()
@@ -150,4 +150,10 @@ def train_prior(
                         name=config.prior.name, keep_last=cfg.keep_last,
                         keep_best=cfg.keep_best)
     _run(obj, rt, ckpt, run, config, progress, resume)
+    if rt.sharded:  # a whole prior for sampling, as one process would have trained it
+        whole = rt.full_state(prior)  # a collective: every rank gathers
+        plain = registry.create("prior", config.prior.name, prior.params)
+        pipe = assemble(config, tokenizer, conditioner, grid, registry, prior=plain)
+        pipe.prior.load_state_dict(whole)  # type: ignore[union-attr]
+        pipe = pipe.to(rt.device)
     return pipe.eval()

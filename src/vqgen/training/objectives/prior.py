@@ -190,10 +190,19 @@ class PriorObjective(Objective):
         self.attention = resolve_backend(chosen, rt.device) if isinstance(chosen, str) else None
 
     def start(self, start: int) -> None:
-        """After a restored checkpoint: per-rank streams, training mode, DDP, compile."""
+        """After a restored checkpoint: per-rank streams, training mode, DDP or FSDP (one
+        unit per block; the optimizer rebuilt over the shards, its state moved over),
+        compile."""
         self.rt.reseed(self.cfg.seed, start)  # per-rank dropout masks
         self.prior.train()
-        self.model = self.rt.wrap(_PriorLoss(self.prior))
+        units = list(getattr(self.prior, "blocks", ()))
+        self.model = self.rt.wrap(_PriorLoss(self.prior), units)
+        if self.rt.sharded:
+            whole = self.opt.state_dict()  # restored, or fresh
+            self.opt = make_optimizer(self.cfg, optimizer_groups(self.prior,
+                                                                 self.cfg.weight_decay),
+                                      self.base_lr)
+            self.opt.load_state_dict(self.rt.shard_optimizer_state(whole, self.opt))
         if self.cfg.compile and self.rt.cuda:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
 
@@ -231,7 +240,8 @@ class PriorObjective(Objective):
         return {f"val_{k}": v for k, v in token_nll(self.pipe, self.held_cache).items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
+        return {"optimizer": self.rt.full_optimizer_state(self.opt),
+                "generator": self.gen.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         load_optimizer(self.opt, state.get("optimizer"), "optimizer")
