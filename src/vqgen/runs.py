@@ -45,7 +45,7 @@ from vqgen.core.layout import (
     read_pipeline_layout,
     write_pipeline_layout,
 )
-from vqgen.core.pipeline import Pipeline, assemble
+from vqgen.core.pipeline import Pipeline, assemble, cond_offset_problem
 from vqgen.core.registry import Registry, default_registry
 
 __all__ = ["STAGES", "config_diff", "load_run", "reuse_config", "stage_step", "train"]
@@ -236,7 +236,8 @@ def _prior_stage(run: Path, config: PipelineConfig, conditioner: Any, info: Any,
         _load_cond_tokenizer(run, conditioner)
     if stage_step(run, "prior") == config.train.prior.steps:  # finished
         if info.main:
-            _restore_layout(run, config, tokenizer)
+            prior = load_component(run / "prior", registry)
+            _restore_layout(run, config, tokenizer, prior, conditioner)
         return load_run(run, registry)
     if stage_step(run, "prior") is not None and not resume:
         raise VqgenError(
@@ -351,10 +352,12 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
         lock.release()
 
 
-def _restore_layout(run: Path, config: PipelineConfig, tokenizer: Any) -> None:
-    """Write ``pipeline.json`` of a finished run again where it is missing, damaged or
-    holds a grid that the data's resolution and the tokenizer's f cannot give (its
-    ``cond_offset`` kept where the file could be read)."""
+def _restore_layout(run: Path, config: PipelineConfig, tokenizer: Any, prior: Any,
+                    conditioner: Any) -> None:
+    """Write ``pipeline.json`` of a finished run again where it is missing, damaged,
+    holds a grid that the data's resolution and the tokenizer's f cannot give, or a
+    ``cond_offset`` outside the prior's condition ids (then the default); a good
+    ``cond_offset`` (taming's 0) is kept."""
     expected = _data_grid(config, tokenizer)
     if expected is None:
         return
@@ -363,8 +366,11 @@ def _restore_layout(run: Path, config: PipelineConfig, tokenizer: Any) -> None:
     except (OSError, ValueError):
         write_pipeline_layout(run, expected)
         return
-    if tuple(layout.grid) != expected:
-        write_pipeline_layout(run, expected, layout.cond_offset)
+    offset = layout.cond_offset
+    if cond_offset_problem(prior, conditioner, offset) is not None:
+        offset = None
+    if tuple(layout.grid) != expected or offset != layout.cond_offset:
+        write_pipeline_layout(run, expected, offset)
 
 
 def _data_grid(config: PipelineConfig, tokenizer: Any) -> tuple[int, int] | None:
@@ -425,6 +431,9 @@ def load_run(run_dir: str | os.PathLike[str], registry: Registry | None = None,
             f"{run / PIPELINE_FILE} is damaged (grid {list(grid)}, but the data's resolution "
             f"over the tokenizer's f gives {list(expected)}); write it again with {resume}")
     prior = load_component(run / "prior", registry, map_location) if config.prior else None
+    if (why := cond_offset_problem(prior, conditioner, cond_offset)) is not None:
+        raise VqgenError(f"{run / PIPELINE_FILE} is damaged ({why}); write it again with "
+                         f"{resume}")
     if _has_cond_stage(conditioner):
         _load_cond_tokenizer(run, conditioner, map_location)
     pipe = assemble(config, tokenizer, conditioner, grid, registry, prior=prior,

@@ -445,6 +445,12 @@ CASES = [
          damage=_meta_field("prior/meta.json", kind="sampler", name="top_k")),
     Case("pipeline_grid_beyond_block", SAMPLE, ["pipeline.json is damaged (grid [64, 64]"],
          damage=_write("pipeline.json", '{"grid": [64, 64]}')),
+    Case("pipeline_cond_offset_beyond_table", SAMPLE,
+         ["pipeline.json is damaged", "cond_offset 100000", "[32, 37)"],
+         damage=_write("pipeline.json", '{"grid": [8, 8], "cond_offset": 100000}')),
+    Case("pipeline_cond_offset_into_codes", SAMPLE,
+         ["pipeline.json is damaged", "cond_offset 3", "[32, 37)"],
+         damage=_write("pipeline.json", '{"grid": [8, 8], "cond_offset": 3}')),
     # data
     Case("training_labels_out_of_range",
          ["train", "{tmp}/bad_labels.yaml", "--run-dir", "{tmp}/fresh"],

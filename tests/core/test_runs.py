@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -160,18 +161,23 @@ def test_a_run_written_before_new_fields_and_stage_defaults_still_resumes(
     assert "train.prior.optimizer: 'adamw' → 'sgd'" in capsys.readouterr().err
 
 
-def test_a_wrong_grid_in_pipeline_json_is_mended_by_the_resume_it_names(
-    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize("layout, says, mended", [
+    ({"grid": [64, 64]}, "(grid [64, 64]", {"grid": [8, 8]}),
+    ({"grid": [8, 8], "cond_offset": 100000}, "(cond_offset 100000", {"grid": [8, 8]}),
+])
+def test_a_wrong_pipeline_json_is_mended_by_the_resume_it_names(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: dict[str, Any],
+    says: str, mended: dict[str, Any],
 ) -> None:
     import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy, symlinks=True)
-    (copy / "pipeline.json").write_text('{"grid": [64, 64]}')
+    (copy / "pipeline.json").write_text(json.dumps(layout))
     capsys.readouterr()
     assert main(["sample", str(copy), "--n", "1", "-o", str(tmp_path / "a.png")]) == 2
     err = capsys.readouterr().err
-    assert "pipeline.json is damaged (grid [64, 64]" in err and "--resume" in err
+    assert f"pipeline.json is damaged {says}" in err and "--resume" in err
     assert main(["train", str(copy / "config.yaml"), "--run-dir", str(copy), "--resume"]) == 0
-    assert json.loads((copy / "pipeline.json").read_text()) == {"grid": [8, 8]}
+    assert json.loads((copy / "pipeline.json").read_text()) == mended
     assert main(["sample", str(copy), "--n", "1", "-o", str(tmp_path / "b.png")]) == 0

@@ -52,7 +52,7 @@ from vqgen.core.interfaces import (
 from vqgen.core.positions import GridPositions
 
 __all__ = ["Generation", "Pipeline", "RowMajor", "align_condition", "assemble",
-           "window_origin"]
+           "cond_offset_problem", "window_origin"]
 
 
 class RowMajor(Ordering):
@@ -145,6 +145,8 @@ class Pipeline(nn.Module):
                 f"{tokenizer.vocab_size} codes; set prior.params.vocab_size: "
                 f"{tokenizer.vocab_size}"
             )
+        if (why := cond_offset_problem(prior, conditioner, cond_offset)) is not None:
+            raise VqgenError(why)
         cond_vocab = getattr(prior, "cond_vocab_size", None)
         if (
             prior is not None
@@ -578,6 +580,24 @@ class _Draw:
 def _guide(logits: torch.Tensor, scale: float) -> torch.Tensor:
     """``[2b, V]`` (conditional rows, then unconditional) → ``[b, V]`` guided logits."""
     return guide(logits, scale)  # (b, V)
+
+
+def cond_offset_problem(prior: Any, conditioner: Conditioner | None,
+                        cond_offset: int | None) -> str | None:
+    """Why an explicit ``cond_offset`` cannot feed ``conditioner``'s tokens to ``prior``
+    (their shifted ids outside the prior's condition ids), or None when it can: with
+    ``cond_vocab_size`` C > 0 the prior takes condition ids in ``[V, V + C)``, with 0
+    (taming's shared table) in ``[0, V)``."""
+    cond_vocab = getattr(prior, "cond_vocab_size", None)
+    if cond_offset is None or conditioner is None or cond_vocab is None:
+        return None
+    v, n = int(prior.vocab_size), int(conditioner.vocab_size)
+    lo, hi = (v, v + cond_vocab) if cond_vocab else (0, v)
+    if lo <= cond_offset and cond_offset + n <= hi:
+        return None
+    return (f"cond_offset {cond_offset} puts the conditioner's {n} tokens at "
+            f"[{cond_offset}, {cond_offset + n}), outside the prior's condition ids "
+            f"[{lo}, {hi})")
 
 
 def assemble(config: Any, tokenizer: Tokenizer, conditioner: Conditioner | None,
