@@ -203,3 +203,60 @@ def test_sdpa_matches_math_on_cuda_fp32() -> None:
     torch.testing.assert_close(
         attention(q, k, v, causal=True, backend="sdpa"), ref, atol=1e-5, rtol=1e-5
     )
+
+
+def _fake_xformers(root: Path, cpp_lib: str) -> None:
+    """An installed-looking xformers 0.0.35 (metadata and cpp_lib.json only) under root."""
+    info = root / "xformers-0.0.35.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: xformers\nVersion: 0.0.35\n")
+    (root / "xformers").mkdir()
+    (root / "xformers" / "cpp_lib.json").write_text(cpp_lib)
+
+
+def test_xformers_build_is_read_from_the_wheel_without_importing_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_xformers(tmp_path, '{"version": {"cuda": 1208, "torch": "2.10.0+cu128"}}')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert attn_mod.xformers_build() == {"xformers": "0.0.35", "torch": "2.10.0+cu128",
+                                         "cuda": "12.8"}
+    (tmp_path / "xformers" / "cpp_lib.json").write_text("{not json")
+    assert attn_mod.xformers_build() is None  # a build that does not say: nothing claimed
+
+
+BUILT = {"xformers": "0.0.35", "torch": "2.10.0+cu128", "cuda": "12.8"}
+
+
+@pytest.mark.parametrize("torch_version, cuda, pairs", [
+    ("2.10.0+cu128", "12.8", True),
+    ("2.10.1+cu126", "12.6", True),  # same torch minor, same CUDA major
+    ("2.14.1+cu130", "13.0", False),  # the machine's torch: another minor and CUDA major
+    ("2.10.0+cu130", "13.0", False),  # another CUDA major only
+    ("2.11.0+cu128", "12.8", False),  # another torch minor only
+])
+def test_an_xformers_build_pairs_with_torch_or_names_the_pair_to_install(
+        torch_version: str, cuda: str, pairs: bool) -> None:
+    why = attn_mod.build_mismatch(BUILT, torch_version, cuda)
+    assert (why is None) == pairs
+    if not pairs:
+        assert f"this is torch {torch_version} (CUDA {cuda})" in why
+        assert "pip install 'torch==2.10.0' --index-url https://download.pytorch.org/whl/cu128" \
+            in why
+    assert attn_mod.build_mismatch(None, torch_version, cuda) is None
+
+
+def test_auto_says_why_an_installed_xformers_is_not_used(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    why = "xformers 0.0.35 was built for torch 2.10.0+cu128 (CUDA 12.8), and this is ..."
+    monkeypatch.setattr(attn_mod, "_announced", set())
+    monkeypatch.setattr(attn_mod, "xformers_status", lambda: (False, why))
+    monkeypatch.delenv("VQGEN_ATTENTION", raising=False)
+    for installed, level in ((True, logging.WARNING), (False, logging.INFO)):
+        monkeypatch.setattr(attn_mod, "_announced", set())
+        monkeypatch.setattr(attn_mod, "xformers_installed", lambda i=installed: i)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="vqgen.core.attention"):
+            assert resolve_backend("auto", CUDA) == "sdpa"
+        [said] = [r for r in caplog.records if "chose" in r.getMessage()]
+        assert said.levelno == level
+        assert (why in said.getMessage()) == installed

@@ -16,10 +16,12 @@ and ``Tq < Tk`` (decoding with a KV cache) query ``i`` sits at absolute position
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,14 +29,60 @@ import torch.nn.functional as F
 
 from vqgen.core.errors import VqgenError
 
-__all__ = ["BACKENDS", "Backend", "attention", "resolve_backend", "xformers_available",
-           "xformers_faster", "xformers_status"]
+__all__ = ["BACKENDS", "Backend", "attention", "build_mismatch", "resolve_backend",
+           "xformers_available", "xformers_build", "xformers_faster", "xformers_installed",
+           "xformers_status"]
 
 log = logging.getLogger(__name__)
 
 Backend = Literal["auto", "xformers", "sdpa", "math"]
 BACKENDS: tuple[str, ...] = ("auto", "xformers", "sdpa", "math")
 ENV = "VQGEN_ATTENTION"
+
+
+def xformers_build() -> dict[str, str] | None:
+    """What the installed xformers was compiled against, read from its wheel's
+    ``xformers/cpp_lib.json`` without importing it: ``{"xformers", "torch", "cuda"}``
+    (e.g. ``0.0.35``, ``2.10.0+cu128``, ``12.8``); None where xformers is not installed or
+    does not say."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("xformers")
+        info = json.loads(Path(str(dist.locate_file("xformers/cpp_lib.json"))).read_text())
+        built = info["version"]
+        cuda = int(built["cuda"]) if built.get("cuda") else None  # e.g. 1208
+        return {"xformers": dist.version, "torch": str(built["torch"]),
+                "cuda": f"{cuda // 100}.{cuda % 100}" if cuda else "none"}
+    except (metadata.PackageNotFoundError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def build_mismatch(build: dict[str, str] | None, torch_version: str,
+                   cuda_version: str | None) -> str | None:
+    """Why an xformers ``build`` (:func:`xformers_build`) does not pair with this torch
+    (``torch_version``, its CUDA ``cuda_version``), naming the pair to install; None when
+    the torch minor version and the CUDA major version agree (or nothing is known)."""
+    if build is None:
+        return None
+    minor = ".".join(build["torch"].split("+")[0].split(".")[:2])
+    ours = ".".join(torch_version.split("+")[0].split(".")[:2])
+    cuda_major = (cuda_version or "none").split(".")[0]
+    if minor == ours and build["cuda"].split(".")[0] == cuda_major:
+        return None
+    tag = "cu" + build["cuda"].replace(".", "") if build["cuda"] != "none" else "cpu"
+    return (f"xformers {build['xformers']} was built for torch {build['torch']} (CUDA "
+            f"{build['cuda']}), and this is torch {torch_version} (CUDA {cuda_version}): "
+            f"install that pair (pip install 'torch=={build['torch'].split('+')[0]}' "
+            f"--index-url https://download.pytorch.org/whl/{tag}), or an xformers built for "
+            f"torch {torch_version}")
+
+
+def xformers_installed() -> bool:
+    """Whether an xformers package is installed (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("xformers") is not None
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,7 +107,10 @@ def xformers_status() -> tuple[bool, str]:
         detail = " ".join(str(exc).split())[:200]
         why = (f"xformers {getattr(xformers, '__version__', '?')} is installed but its kernels "
                f"do not run on this device ({type(exc).__name__}: {detail})")
-        if built:
+        pairing = build_mismatch(xformers_build(), torch.__version__, torch.version.cuda)
+        if pairing:
+            why += f"; {pairing}"
+        elif built:
             why += (f"; it says: {built[0]} — install the xformers build for torch "
                     f"{torch.__version__.split('+')[0]}")
         return False, why
@@ -110,11 +161,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             )
         backend = env
     if backend == "auto":
-        runs = device.type == "cuda" and xformers_status()[0]
+        runs, why = xformers_status() if device.type == "cuda" else (False, "")
         chosen = "xformers" if runs and xformers_faster(str(device)) else "sdpa"
         if (key := f"{device}:{chosen}") not in _announced:
             _announced.add(key)
-            log.info("attention backend 'auto' chose %r on %s", chosen, device)
+            if device.type == "cuda" and not runs and xformers_installed():
+                # installed for a reason: say why it is not used, never fall back silently
+                log.warning("attention backend 'auto' chose 'sdpa' on %s: xformers is "
+                            "installed but cannot run: %s", device, why)
+            else:
+                log.info("attention backend 'auto' chose %r on %s", chosen, device)
         return chosen
     if backend == "xformers":
         if device.type != "cuda":
