@@ -1,4 +1,5 @@
-"""Training memory per process under DDP and under FSDP (``train.prior.strategy``).
+"""Training memory per process under DDP and under FSDP (``train.prior.strategy``), and
+with activation checkpointing (``train.prior.activation_checkpointing``) on top of FSDP.
 
 Launches itself under ``torch.distributed.run`` with ``--procs`` processes (gloo on the
 CPU; NCCL with one GPU per process where CUDA has enough of them), once per strategy,
@@ -46,11 +47,14 @@ def _local_bytes(tensors: Any) -> int:
     return total
 
 
-def worker(strategy: str, n_layer: int, n_embd: int, out: Path) -> None:
-    """One rank: train a GPT prior ``STEPS`` steps under ``strategy``; write its figures."""
+def worker(setting: str, n_layer: int, n_embd: int, out: Path) -> None:
+    """One rank: train a GPT prior ``STEPS`` steps in ``setting`` (``ddp``, ``fsdp``,
+    ``fsdp+ac``); write its figures."""
     import vqgen
     from vqgen.training.optim import make_optimizer, optimizer_groups
-    from vqgen.training.runtime import Runtime
+    from vqgen.training.runtime import Runtime, checkpoint_activations
+
+    strategy = setting.split("+")[0]
 
     torch.set_num_threads(1)
     rt = Runtime("auto", strategy=strategy)
@@ -68,6 +72,8 @@ def worker(strategy: str, n_layer: int, n_embd: int, out: Path) -> None:
         def forward(self, seq: torch.Tensor) -> torch.Tensor:
             return self.prior.loss(seq, None).mean()
 
+    if setting.endswith("+ac"):
+        checkpoint_activations(list(prior.blocks))
     model = rt.wrap(Loss(), list(prior.blocks))
     cfg = vqgen.load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     opt = make_optimizer(cfg.train.prior, optimizer_groups(prior, 0.01), 1e-4)
@@ -94,16 +100,16 @@ def worker(strategy: str, n_layer: int, n_embd: int, out: Path) -> None:
     out.with_name(f"{out.name}.{rt.info.rank}").write_text(json.dumps(result))
 
 
-def launch(strategy: str, procs: int, n_layer: int, n_embd: int, tmp: Path) -> list[dict]:
+def launch(setting: str, procs: int, n_layer: int, n_embd: int, tmp: Path) -> list[dict]:
     """Run :func:`worker` on ``procs`` ranks under torchrun; their figures, by rank."""
-    out = tmp / strategy
+    out = tmp / setting
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={procs}", __file__, "--worker", strategy, str(n_layer),
+           f"--nproc_per_node={procs}", __file__, "--worker", setting, str(n_layer),
            str(n_embd), str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
-        raise SystemExit(f"{strategy} run failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{setting} run failed:\n{proc.stderr[-3000:]}")
     return [json.loads(out.with_name(f"{out.name}.{r}").read_text()) for r in range(procs)]
 
 
@@ -121,9 +127,9 @@ def main() -> None:
                                         "vocab": VOCAB, "tokens": GRID * GRID,
                                         "batch_per_rank": BATCH, "optimizer": "adamw"}}
     with tempfile.TemporaryDirectory() as tmp:
-        for strategy in ("ddp", "fsdp"):
-            log(f"{strategy}: {args.procs} processes")
-            result[strategy] = launch(strategy, args.procs, n_layer, n_embd, Path(tmp))
+        for setting in ("ddp", "fsdp", "fsdp+ac"):
+            log(f"{setting}: {args.procs} processes")
+            result[setting] = launch(setting, args.procs, n_layer, n_embd, Path(tmp))
     ddp = result["ddp"][0]["training_state_mib"]
     fsdp = max(r["training_state_mib"] for r in result["fsdp"])
     result["training_state_ratio_fsdp_over_ddp"] = fsdp / ddp

@@ -482,15 +482,20 @@ def test_fsdp_checkpoints_are_whole_resume_exactly_and_sample_in_one_process(
     assert pipe.generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)
 
 
-def test_fsdp_is_the_prior_stage_only() -> None:
+@pytest.mark.parametrize("field, value, says", [
+    ("strategy", "fsdp", "fsdp shards the prior stage only"),
+    ("activation_checkpointing", True, "activation checkpointing is for the prior's blocks"),
+])
+def test_fsdp_and_activation_checkpointing_are_prior_stage_settings(
+        field: str, value: Any, says: str) -> None:
     for stage in ("tokenizer", "cond"):
         config = tiny()
-        config["train"][stage] = {"strategy": "fsdp"}
-        with pytest.raises(ConfigError, match=rf"train.{stage}.strategy: .*fsdp shards the prior"):
+        config["train"][stage] = {field: value}
+        with pytest.raises(ConfigError, match=rf"train.{stage}.{field}: .*{says}"):
             parse_config(config)
     config = tiny()
-    config["train"]["prior"]["strategy"] = "fsdp"
-    assert parse_config(config).train.prior.strategy == "fsdp"
+    config["train"]["prior"][field] = value
+    assert getattr(parse_config(config).train.prior, field) == value
 
 
 @pytest.mark.cuda

@@ -218,3 +218,32 @@ def test_condition_gain_rises_when_the_prior_learns_to_use_the_label(
     assert abs(before) < 1.0, before
     assert after["val_nll_bits"] < 0.2, after
     assert after["cond_gain_bits"] > 1.5, after
+
+
+def test_activation_checkpointing_trains_the_same_weights(
+    tmp_path: Path, test_registry: vqgen.Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.prior.activation_checkpointing recomputes the blocks in the backward pass;
+    with dropout on, three steps end at the weights of the kept-activations run exactly."""
+    from vqgen.training.objectives import prior as objective
+
+    applied: list[int] = []
+    real = objective.checkpoint_activations
+    monkeypatch.setattr(objective, "checkpoint_activations",
+                        lambda units: applied.append(len(units)) or real(units))
+    prior = {"name": "gpt", "params": {**GPT["params"], "n_layer": 2, "n_embd": 32,
+                                       "resid_pdrop": 0.2, "attn_pdrop": 0.1}}
+    weights = []
+    for on in (False, True):
+        cfg = parse_config(config(prior, steps=3, activation_checkpointing=on),
+                           registry=test_registry)
+        assert cfg.train.prior.activation_checkpointing is on
+        tok = test_registry.create("tokenizer", "stub_tokenizer", {"n_embed": 16})
+        pipe = train_prior(cfg, tok, registry=test_registry, progress=False,
+                           cache_root=tmp_path / f"cache{on}")
+        weights.append({k: v.clone() for k, v in pipe.prior.state_dict().items()})
+    assert applied == [2]  # the two blocks of the second run only
+    init = vqgen.create("prior", "gpt", pipe.prior.params).state_dict()
+    assert any(not torch.equal(weights[0][k], init[k]) for k in init)  # it trained
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k

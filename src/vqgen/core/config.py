@@ -158,6 +158,10 @@ class StageTrainConfig(_Strict):
         "ddp", description="under torchrun: ddp (every rank holds the whole model) or fsdp "
         "(weights, gradients and optimizer state sharded over ranks, one unit per block; "
         "the prior stage only). Checkpoints are the same either way")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each transformer block's activations in the backward "
+        "pass instead of keeping them: less memory for long sequences, about a third more "
+        "compute, the same gradients (the prior stage only)")
     keep_last: int = Field(
         2, ge=0, description="step-numbered checkpoints kept in <stage>/history (0: none)"
     )
@@ -196,7 +200,14 @@ def _stage_config(stage: str) -> type[StageTrainConfig]:
                     "codebook restarts train replicated); use ddp here, fsdp in train.prior")
             return value
 
+        def kept(value: bool) -> bool:
+            if value:
+                raise ValueError("activation checkpointing is for the prior's blocks; set it "
+                                 "in train.prior")
+            return value
+
         validators["_replicated"] = field_validator("strategy")(replicated)
+        validators["_kept"] = field_validator("activation_checkpointing")(kept)
     fields: dict[str, Any] = {
         name: (StageTrainConfig.model_fields[name].annotation,
                Field(value, description=StageTrainConfig.model_fields[name].description))

@@ -50,7 +50,8 @@ from torch import nn
 
 from vqgen.core.errors import VqgenError
 
-__all__ = ["STRATEGIES", "DistInfo", "Runtime", "barrier", "configure_threads", "default_threads",
+__all__ = ["STRATEGIES", "DistInfo", "Runtime", "barrier", "checkpoint_activations",
+           "configure_threads", "default_threads",
            "resolve_device", "seed_everything", "setup_distributed", "world_size"]
 
 #: how a stage runs on several processes: replicated weights (DDP) or sharded ones (FSDP)
@@ -103,6 +104,23 @@ def _whole(value: Any) -> Any:
     from torch.distributed.tensor import DTensor
 
     return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
+
+def checkpoint_activations(units: Sequence[nn.Module]) -> None:
+    """Have each of ``units`` (e.g. a prior's blocks) recompute its activations in the
+    backward pass instead of keeping them from the forward one, where gradients are
+    enabled: activation memory of one unit instead of all, for about one more forward
+    pass of compute. Random draws (dropout) are replayed, so the gradients are the same;
+    without gradients (evaluation, sampling) a unit runs as before."""
+    from torch.utils.checkpoint import checkpoint
+
+    for unit in units:
+        def run(*args: Any, _forward: Any = unit.forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        unit.forward = run  # type: ignore[method-assign]
 
 
 def world_size() -> int:

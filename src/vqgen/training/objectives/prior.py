@@ -36,7 +36,7 @@ from vqgen.training.optim import (
     optimizer_groups,
     resolve_lr,
 )
-from vqgen.training.runtime import Runtime
+from vqgen.training.runtime import Runtime, checkpoint_activations
 from vqgen.training.tokens import TokenCache
 
 __all__ = ["PriorObjective", "condition_gain", "token_caches", "token_nll"]
@@ -196,6 +196,8 @@ class PriorObjective(Objective):
         self.rt.reseed(self.cfg.seed, start)  # per-rank dropout masks
         self.prior.train()
         units = list(getattr(self.prior, "blocks", ()))
+        if self.cfg.activation_checkpointing:
+            checkpoint_activations(units)
         self.model = self.rt.wrap(_PriorLoss(self.prior), units)
         if self.rt.sharded:
             whole = self.opt.state_dict()  # restored, or fresh
