@@ -12,6 +12,7 @@ from vqgen.core.errors import VqgenError
 from vqgen.core.hookspecs import hookimpl
 from vqgen.core.interfaces import (
     AUTO,
+    ActivationEstimate,
     Auto,
     Autoregressive,
     AutoregressivePrior,
@@ -46,6 +47,7 @@ from vqgen.runs import load_run, train
 __all__ = [
     "AUTO",
     "KINDS",
+    "ActivationEstimate",
     "Auto",
     "Autoregressive",
     "AutoregressivePrior",

@@ -32,6 +32,7 @@ from vqgen.core.errors import VqgenError
 
 __all__ = [
     "AUTO",
+    "ActivationEstimate",
     "Adversarial",
     "Auto",
     "Autoregressive",
@@ -57,6 +58,7 @@ __all__ = [
     "prior_family",
     "require_wired",
     "signature_problems",
+    "transformer_activation_bytes",
 ]
 
 
@@ -691,6 +693,30 @@ def _multinomial(logits: torch.Tensor, generator: torch.Generator | None) -> tor
     """One draw per row from ``softmax(logits)``: ``[B, V]`` → ``[B]``."""
     probs = torch.softmax(logits.float(), dim=-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@runtime_checkable
+class ActivationEstimate(Protocol):
+    """A component that can say, before any memory is spent, about how many bytes of
+    activations one training micro-batch of ``batch_size`` keeps for the backward pass
+    (fp32, a lower bound: what every such model must keep, not what a kernel adds).
+    ``image_size`` ``(H, W)``: the training images' size, for a tokenizer (a prior knows
+    its grid). ``config validate`` adds it to the weights and Adam state to refuse a
+    config that cannot train on this machine."""
+
+    def activation_bytes(self, batch_size: int,
+                         image_size: tuple[int, int] | None = None) -> int: ...
+
+
+def transformer_activation_bytes(batch_size: int, length: int, width: int, layers: int,
+                                 vocab: int) -> int:
+    """Bytes a pre-LN transformer keeps per micro-batch for its backward pass in fp32:
+    per token and layer about 16 ``width``-sized tensors (the layer norms' inputs, Q, K,
+    V, the attention output and its projection, the MLP's input, 4x hidden and GELU;
+    after Korthikanti et al. 2022, without the attention scores that fused kernels do not
+    keep), plus the logits and their softmax."""
+    per_token = 4 * (16 * width * layers + 2 * vocab)
+    return batch_size * length * per_token
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from vqgen.core.interfaces import AUTO, Sizes
+from vqgen.core.interfaces import AUTO, ActivationEstimate, Sizes
 from vqgen.core.registry import Registry, format_validation_error
 
 #: ``vqgen.core.config``'s models (config imports this module, not the other way round)
@@ -175,15 +175,46 @@ def _sizes_that_fit(cfg: PipelineConfig, registry: Registry) -> Problems:
             continue
         n = sum(p.numel() for p in module.parameters()) if hasattr(module, "parameters") \
             else 0
-        need = n * TRAIN_BYTES_PER_PARAMETER
+        train = getattr(cfg.train, stage)
+        acts = _activation_bytes(module, train.batch_size, cfg)
+        need = n * TRAIN_BYTES_PER_PARAMETER + acts
         if n > MAX_PARAMETERS:
             problems.append((f"{section}.params", f"these sizes make about {n:.3g} parameters "
                              f"(more than {MAX_PARAMETERS:.0e}); check them for a typo"))
-        elif (memory and getattr(cfg.train, stage).device == "cpu" and need > memory):
-            problems.append((f"{section}.params", f"these sizes make about {n:.3g} parameters,"
-                             f" about {need / 2**30:.0f} GiB to train with Adam on the CPU, "
-                             f"more than this machine's {memory / 2**30:.0f} GiB"))
+        elif memory and _on_cpu(train.device) and need > memory:
+            where = (f"train.{stage}.batch_size" if acts > n * TRAIN_BYTES_PER_PARAMETER
+                     else f"{section}.params")
+            problems.append((where, (
+                f"these sizes make about {n:.3g} parameters "
+                f"({_gib(n * TRAIN_BYTES_PER_PARAMETER)} GiB to train "
+                f"with Adam) and a batch of {train.batch_size} keeps at least {_gib(acts)} GiB "
+                f"of activations: {_gib(need)} GiB on the CPU, more than this machine's "
+                f"{_gib(memory)} GiB; use a smaller batch (grad_accum keeps the batch it "
+                "sums to) or model")))
     return problems
+
+
+def _on_cpu(device: str) -> bool:
+    """Whether a stage set to ``device`` trains on this machine's CPU."""
+    import torch
+
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def _gib(n: float) -> str:
+    """Bytes in GiB: two significant figures, whole numbers from 100 on."""
+    gib = n / 2**30
+    return f"{gib:.2g}" if gib < 100 else f"{gib:,.0f}"
+
+
+def _activation_bytes(module: Any, batch_size: int, cfg: PipelineConfig) -> int:
+    """A component's lower-bound activation estimate (:class:`ActivationEstimate`) for one
+    micro-batch of the data's images; 0 for one that makes none."""
+    if not isinstance(module, ActivationEstimate):
+        return 0
+    size = cfg.data.params.get("resolution") if cfg.data is not None else None
+    image = (int(size), int(size)) if isinstance(size, int) and size > 0 else None
+    return int(module.activation_bytes(batch_size, image))
 
 
 def _sampler_needs(cfg: PipelineConfig, registry: Registry) -> Problems:

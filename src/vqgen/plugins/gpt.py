@@ -79,6 +79,7 @@ from vqgen.core.interfaces import (
     Sizes,
     check_grid,
     require_wired,
+    transformer_activation_bytes,
 )
 from vqgen.core.positions import apply_rope2d, check_permutation, raster_cells, rope2d_angles
 
@@ -345,6 +346,14 @@ class GPT(AutoregressivePrior):
         if p.cond_emb_init == "zeros" and self.cond_vocab_size:  # after the normal draw,
             with torch.no_grad():  # so the random stream (and the other weights) are kept
                 self.tok_emb.weight[self.vocab_size : self.vocab_size + self.cond_vocab_size] = 0
+
+    def activation_bytes(self, batch_size: int,
+                         image_size: tuple[int, int] | None = None) -> int:
+        """Activations one training micro-batch keeps (fp32, a lower bound; see
+        :func:`vqgen.core.interfaces.transformer_activation_bytes`)."""
+        p = self.params
+        return transformer_activation_bytes(batch_size, self.block_size, p.n_embd, p.n_layer,
+                                            self.vocab_size)
 
     @classmethod
     def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:

@@ -77,6 +77,7 @@ from vqgen.core.interfaces import (
     Sizes,
     check_grid,
     require_wired,
+    transformer_activation_bytes,
 )
 from vqgen.plugins.gpt import init_transformer_weights
 
@@ -228,6 +229,14 @@ class MaskGIT(MaskedPrior):
                 f"{sizes.cond_length} tokens for the {sizes.height}x{sizes.width} grid: give "
                 "the conditioner's tokenizer the image tokenizer's f (leave its ch_mult out)")
         return out
+
+    def activation_bytes(self, batch_size: int,
+                         image_size: tuple[int, int] | None = None) -> int:
+        """Activations one training micro-batch keeps (fp32, a lower bound; see
+        :func:`vqgen.core.interfaces.transformer_activation_bytes`)."""
+        p = self.params
+        return transformer_activation_bytes(batch_size, self.length, p.n_embd, p.n_layer,
+                                            self.vocab_size)
 
     _init_weights = staticmethod(init_transformer_weights)
 

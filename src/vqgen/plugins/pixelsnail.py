@@ -256,6 +256,16 @@ class PixelSNAIL(AutoregressivePrior):
 
     Params = PixelSNAILParams
 
+    def activation_bytes(self, batch_size: int,
+                         image_size: tuple[int, int] | None = None) -> int:
+        """Activations one training micro-batch keeps (fp32, a lower bound): per cell and
+        block about six ``channels``-sized maps per gated residual block (two causal
+        convolutions, the gate's halves, the sum) and eight for the attention, plus the
+        logits and their softmax."""
+        p = self.params
+        maps = p.n_blocks * (6 * p.n_res_blocks + 8) * p.channels
+        return 4 * batch_size * p.height * p.width * (maps + 2 * p.vocab_size)
+
     @classmethod
     def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
         """Grid, vocabularies and condition kind from the other stages; an explicit grid

@@ -243,6 +243,18 @@ class _VQModel(Tokenizer):
         z = self.quantize.embed_codes(codes.reshape(1, -1, 1))  # (1, embed_dim, V, 1)
         return z[0, :, :, 0].t().float()  # (V, embed_dim)
 
+    def activation_bytes(self, batch_size: int,
+                         image_size: tuple[int, int] | None = None) -> int:
+        """Activations one training micro-batch of ``image_size`` images (default: the
+        ``resolution`` param) keeps in the encoder and decoder (fp32, a lower bound: per
+        pixel of each level about six maps per residual block and direction, and the
+        resampling; the discriminator and perceptual network come on top)."""
+        p = self.params
+        h, w = image_size or (p.resolution, p.resolution)
+        maps = sum((h >> i) * (w >> i) * p.ch * m * (12 * p.num_res_blocks + 10)
+                   for i, m in enumerate(p.ch_mult))
+        return 4 * batch_size * maps
+
     @property
     def last_layer(self) -> torch.Tensor:
         """The decoder's last weight (where the adaptive GAN weight is measured)."""
