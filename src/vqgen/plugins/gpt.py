@@ -83,7 +83,24 @@ from vqgen.core.interfaces import (
 )
 from vqgen.core.positions import apply_rope2d, check_permutation, raster_cells, rope2d_angles
 
-__all__ = ["GPT", "GPTState", "KVCache", "init_transformer_weights"]
+__all__ = ["GPT", "GPTState", "KVCache", "TransformerMemory", "init_transformer_weights"]
+
+class TransformerMemory:
+    """:class:`vqgen.core.interfaces.ActivationEstimate` for a transformer prior with
+    ``params.n_embd``, ``params.n_layer``, ``vocab_size`` and ``n_positions``."""
+
+    params: Any
+    vocab_size: int
+    n_positions: int
+
+    def activation_bytes(self, batch_size: int,
+                         image_size: tuple[int, int] | None = None) -> int:
+        """Activations one training micro-batch keeps (fp32, a lower bound; see
+        :func:`vqgen.core.interfaces.transformer_activation_bytes`)."""
+        p = self.params
+        return transformer_activation_bytes(batch_size, self.n_positions, p.n_embd,
+                                            p.n_layer, self.vocab_size)
+
 
 class GPTParams(ParamsModel):
     """Config of :class:`GPT`; Tab. 8 of the paper gives the sizes it used."""
@@ -290,7 +307,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))  # (B, T, C)
 
 
-class GPT(AutoregressivePrior):
+class GPT(TransformerMemory, AutoregressivePrior):
     """GPT-2-style transformer prior over image codes, with KV-cache decoding.
 
     See the module docstring for the id layout (image codes, offset condition tokens,
@@ -315,7 +332,7 @@ class GPT(AutoregressivePrior):
         self.rope = rope
         self.vocab_size = p.vocab_size
         self.cond_vocab_size = p.cond_vocab_size
-        self.block_size = p.block_size
+        self.block_size = self.n_positions = p.block_size
         self.cond_prefix = p.cond_fusion in ("prefix", "both")  # the condition leads the input
         self.aligned_condition = p.cond_fusion in ("add", "both")  # and/or is added per cell
         self.wants_code_vectors = p.tok_emb_init == "code_vectors"
@@ -346,14 +363,6 @@ class GPT(AutoregressivePrior):
         if p.cond_emb_init == "zeros" and self.cond_vocab_size:  # after the normal draw,
             with torch.no_grad():  # so the random stream (and the other weights) are kept
                 self.tok_emb.weight[self.vocab_size : self.vocab_size + self.cond_vocab_size] = 0
-
-    def activation_bytes(self, batch_size: int,
-                         image_size: tuple[int, int] | None = None) -> int:
-        """Activations one training micro-batch keeps (fp32, a lower bound; see
-        :func:`vqgen.core.interfaces.transformer_activation_bytes`)."""
-        p = self.params
-        return transformer_activation_bytes(batch_size, self.block_size, p.n_embd, p.n_layer,
-                                            self.vocab_size)
 
     @classmethod
     def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:

@@ -77,9 +77,8 @@ from vqgen.core.interfaces import (
     Sizes,
     check_grid,
     require_wired,
-    transformer_activation_bytes,
 )
-from vqgen.plugins.gpt import init_transformer_weights
+from vqgen.plugins.gpt import TransformerMemory, init_transformer_weights
 
 __all__ = ["MaskGIT", "MaskGITParams", "mask_ratio", "masking_schedule"]
 
@@ -185,7 +184,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))  # (B, L, C)
 
 
-class MaskGIT(MaskedPrior):
+class MaskGIT(TransformerMemory, MaskedPrior):
     """MaskGIT masked prior: a bidirectional transformer over the grid's cells.
 
     See the module docstring for the id layout, the training loss (``masked_ce``, not a
@@ -204,6 +203,7 @@ class MaskGIT(MaskedPrior):
         assert isinstance(p, MaskGITParams)
         self.vocab_size, self.cond_vocab_size = p.vocab_size, p.cond_vocab_size
         self.height, self.width, self.length = p.height, p.width, p.height * p.width
+        self.n_positions = self.length
         self.steps = p.steps
         self.mask_id = p.vocab_size + p.cond_vocab_size  # the last row of the table
         self.tok_emb = nn.Embedding(self.mask_id + 1, p.n_embd)
@@ -229,14 +229,6 @@ class MaskGIT(MaskedPrior):
                 f"{sizes.cond_length} tokens for the {sizes.height}x{sizes.width} grid: give "
                 "the conditioner's tokenizer the image tokenizer's f (leave its ch_mult out)")
         return out
-
-    def activation_bytes(self, batch_size: int,
-                         image_size: tuple[int, int] | None = None) -> int:
-        """Activations one training micro-batch keeps (fp32, a lower bound; see
-        :func:`vqgen.core.interfaces.transformer_activation_bytes`)."""
-        p = self.params
-        return transformer_activation_bytes(batch_size, self.length, p.n_embd, p.n_layer,
-                                            self.vocab_size)
 
     _init_weights = staticmethod(init_transformer_weights)
 
