@@ -7,6 +7,7 @@ Compose components by registry name::
     vqgen.list_components("ordering", "spiral*")
 """
 
+import vqgen._startup  # noqa: F401  (first: a quiet Ctrl-C during the imports below)
 from vqgen.core.config import ComponentSpec, ConfigError, PipelineConfig, load_config
 from vqgen.core.errors import VqgenError
 from vqgen.core.hookspecs import hookimpl

@@ -536,6 +536,8 @@ def _data_write_args(dp: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
+    if threading.current_thread() is threading.main_thread():  # start-up is over (vqgen's
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # __init__ quietened it)
     parser = build_parser()
     args = parser.parse_args(argv)
     old = None

@@ -192,3 +192,37 @@ def test_absurd_sizes_are_refused_by_validate(tmp_path: Path,
     err = capsys.readouterr().err
     assert f"{section}.params.{field}" in err and "less than or equal" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "vqgen", "plugins"],
+    [str(Path(sys.executable).parent / "vqgen"), "plugins"],
+])
+def test_ctrl_c_while_the_command_starts_up_is_one_line_and_exit_130(
+        command: list[str]) -> None:
+    """SIGINT while `vqgen` still imports torch: exit 130 with one line, no traceback."""
+    import signal
+    import time
+
+    if not Path(command[0]).exists():
+        pytest.skip("the vqgen script is not installed next to this python")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(0.4)  # the interpreter is up; importing torch takes seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert "vqgen: interrupted" in err
+
+
+def test_the_library_keeps_ctrl_c_as_keyboard_interrupt() -> None:
+    """Importing vqgen in a user's program leaves SIGINT to Python (KeyboardInterrupt)."""
+    import signal
+
+    code = "import signal, vqgen; print(signal.getsignal(signal.SIGINT) is " \
+           "signal.default_int_handler)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+    assert signal.getsignal(signal.SIGINT) is not None
