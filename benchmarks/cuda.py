@@ -3,7 +3,14 @@
 Runs a GPT-2-medium-like prior (24 layers, 1024 wide, 16 heads) on one CUDA device in
 bf16 autocast (fp32 master weights, fused AdamW), for each attention backend
 (``xformers`` where it imports and runs, ``sdpa``, ``math``) and each sequence length
-(256 and 512 tokens), and prints one JSON object::
+(256 and 1,024 tokens), and for SDPA also ``compiled`` (``torch.compile`` of the model,
+as ``train.prior.compile`` does) and ``checkpointed`` (activation checkpointing of every
+block, ``train.prior.activation_checkpointing``). Beside training: KV-cached sampling
+tokens/s of the same GPT through ``Pipeline.generate`` (bf16 autocast, batch
+``--sample-batch``, a 16×16 grid), and VQGAN training images/s at 256×256 in bf16
+(taming's f = 16 ImageNet sizes, reconstruction and codebook loss). FSDP against DDP
+needs two devices; on one it reports why not (``benchmarks/fsdp.py`` measures the
+per-rank training state on the CPU). Prints one JSON object::
 
     python benchmarks/cuda.py                       # the defaults above
     python benchmarks/cuda.py --seqs 256 --steps 20 # fewer configs, more timed steps
@@ -99,10 +106,14 @@ def time_steps(
 
 
 def run_config(
-    args: argparse.Namespace, backend: str, seq_len: int, batch: int, device: torch.device
+    args: argparse.Namespace, backend: str, seq_len: int, batch: int, device: torch.device,
+    mode: str = "eager",
 ) -> dict[str, Any]:
-    """Time ``args.steps`` training steps (after ``args.warmup``) at one batch size."""
+    """Time ``args.steps`` training steps (after ``args.warmup``) at one batch size;
+    ``mode``: ``eager``, ``compiled`` (torch.compile) or ``checkpointed`` (activation
+    checkpointing of every block)."""
     from vqgen.plugins.gpt import GPT
+    from vqgen.training.runtime import checkpoint_activations
 
     torch.manual_seed(0)
     if device.type == "cuda":
@@ -117,7 +128,11 @@ def run_config(
             attention=backend,
         )
     model.train()
+    if mode == "checkpointed":
+        checkpoint_activations(list(model.blocks))
     fused = device.type == "cuda"
+    if mode == "compiled":
+        model = torch.compile(model)  # type: ignore[assignment]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
     g = torch.Generator(device=device).manual_seed(0)
     seq = torch.randint(0, args.vocab_size, (batch, seq_len), device=device, generator=g)
@@ -162,14 +177,19 @@ def bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     n_total = probe.num_params(non_embedding=False)
     del probe
     results = []
+    runs = [(b, "eager") for b in backends] + [
+        ("sdpa", m) for m in args.modes if m != "eager" and "sdpa" in backends]
+    if device.type != "cuda" and "compiled" in args.modes:
+        skipped["compiled"] = "torch.compile is measured on CUDA only"
+        runs = [r for r in runs if r[1] != "compiled"]
     for seq_len in args.seqs:
-        for backend in backends:
+        for backend, mode in runs:
             batch = args.batch or max(1, args.tokens // seq_len)
-            entry: dict[str, Any] = {"backend": backend, "seq_len": seq_len}
+            entry: dict[str, Any] = {"backend": backend, "mode": mode, "seq_len": seq_len}
             while True:
                 out = None
                 try:
-                    out = run_config(args, backend, seq_len, batch, device)
+                    out = run_config(args, backend, seq_len, batch, device, mode)
                 except torch.cuda.OutOfMemoryError:
                     pass
                 if out is not None:
@@ -206,14 +226,100 @@ def bench(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         "flops_formula": "6*N + 12*n_layer*n_embd*T per token (PaLM, no causal discount)",
         "skipped_backends": skipped,
         "results": results,
+        "sampling": sampling_speed(args, device),
+        "vqgan": vqgan_speed(args, device),
+        "fsdp": ({"skipped": True, "reason": f"FSDP against DDP needs two devices; this "
+                  f"machine has {torch.cuda.device_count()} (benchmarks/fsdp.py measures the "
+                  "per-rank training state on the CPU)"}
+                 if device.type != "cuda" or torch.cuda.device_count() < 2 else
+                 {"note": "run: python benchmarks/fsdp.py --procs 2 on this machine"}),
     }
+
+
+def sampling_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """KV-cached sampling tokens/s of the benchmark's GPT over a 16x16 grid (bf16
+    autocast on CUDA), through Pipeline.generate with a k-means tokenizer (decoding the
+    codes is a palette lookup, so the prior's decoding is what is timed)."""
+    from vqgen.core.pipeline import Pipeline
+    from vqgen.plugins.gpt import GPT
+    from vqgen.plugins.kmeans import KMeansTokenizer
+    from vqgen.samplers.top_k import TopK
+
+    grid = (16, 16)
+    torch.manual_seed(0)
+    with device:
+        prior = GPT(vocab_size=args.vocab_size, block_size=grid[0] * grid[1],
+                    n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    tok = KMeansTokenizer(n_embed=args.vocab_size)
+    pipe = Pipeline(tok, prior, grid=grid, sampler=TopK(k=100)).to(device).eval()
+    batch = args.sample_batch
+
+    def draw() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pipe.generate(batch, seed=0)
+
+    draw()  # warm-up
+    times = []
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        draw()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    pipe.cpu()  # let the device's memory go before the next measurement
+    free(device)
+    return {"grid": list(grid), "batch": batch, "seconds": median,
+            "tokens_per_s": batch * grid[0] * grid[1] / median}
+
+
+def vqgan_speed(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """VQGAN training images/s at ``--vqgan-size`` pixels in bf16 autocast: taming's f = 16
+    ImageNet sizes (``--vqgan-ch`` wide), L1 reconstruction + codebook loss, fused Adam
+    (no discriminator or LPIPS: the autoencoder's own cost)."""
+    import vqgen
+
+    size, batch = args.vqgan_size, args.vqgan_batch
+    params = {"ch": args.vqgan_ch, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2,
+              "attn_resolutions": [16], "resolution": size, "z_channels": 256,
+              "embed_dim": 256, "n_embed": 1024, "perceptual_weight": 0.0,
+              "kmeans_init": False}
+    torch.manual_seed(0)
+    tok = vqgen.create("tokenizer", "vqgan", params).to(device).train()
+    opt = torch.optim.Adam(tok.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.rand(batch, 3, size, size, device=device)  # (B, 3, H, W)
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = tok(x)
+            loss = (out.recon.float() - x).abs().mean() + out.qloss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    del tok, opt, x
+    free(device)
+    return {"size": size, "batch": batch, "ch": args.vqgan_ch, "step_time_s": median,
+            "images_per_s": batch / median, "peak_memory_gib": peak}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--backends", nargs="+", default=["xformers", "sdpa", "math"])
-    ap.add_argument("--seqs", nargs="+", type=int, default=[256, 512])
+    ap.add_argument("--seqs", nargs="+", type=int, default=[256, 1024])
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled", "checkpointed"],
+                    help="eager for every backend; compiled / checkpointed with sdpa")
+    ap.add_argument("--sample-batch", type=int, default=64)
+    ap.add_argument("--vqgan-size", type=int, default=256)
+    ap.add_argument("--vqgan-batch", type=int, default=16)
+    ap.add_argument("--vqgan-ch", type=int, default=128)
     ap.add_argument("--n-layer", type=int, default=24)
     ap.add_argument("--n-head", type=int, default=16)
     ap.add_argument("--n-embd", type=int, default=1024)

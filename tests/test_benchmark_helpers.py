@@ -57,3 +57,24 @@ def test_headline_paths_reach_into_lists_and_nested_settings() -> None:
     assert run_all.get(result, "closures.demo.class.closure") == 0.7
     assert run_all.get(result, "results.3.tokens_per_s") is None
     assert run_all.get(result, "closures.default.class.closure") is None
+
+
+def test_the_cuda_benchmark_runs_its_code_paths_on_the_cpu() -> None:
+    """benchmarks/cuda.py's smoke run (tiny sizes, --device cpu): every section is there,
+    and the activation-checkpointed step computes the eager step's loss exactly."""
+    import subprocess
+
+    args = ["--device", "cpu", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+            "--seqs", "32", "--tokens", "64", "--warmup", "0", "--steps", "1",
+            "--backends", "sdpa", "--sample-batch", "1", "--vqgan-size", "32",
+            "--vqgan-batch", "1", "--vqgan-ch", "16"]
+    done = subprocess.run([sys.executable, str(BENCH / "cuda.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    runs = {r["mode"]: r for r in out["results"]}
+    assert set(runs) == {"eager", "checkpointed"}  # compiled: CUDA only, said so
+    assert "compiled" in out["skipped_backends"]
+    assert runs["checkpointed"]["loss"] == runs["eager"]["loss"]
+    assert out["sampling"]["tokens_per_s"] > 0 and out["vqgan"]["images_per_s"] > 0
+    assert out["fsdp"]["skipped"] is True and "two devices" in out["fsdp"]["reason"]
