@@ -548,6 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VqgenError as exc:
         print(f"vqgen: error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
+    except OSError as exc:  # the machine said no: permissions, a read-only disk, no space
+        print(f"vqgen: error: {_os_error(exc)}", file=sys.stderr)
+        return 2
     except _Terminated:
         print("vqgen: terminated (SIGTERM) before training began or after it ended; every "
               "file is written whole or not at all, so run the same command again "
@@ -563,6 +566,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+
+
+def _os_error(exc: OSError) -> str:
+    """One sentence for an operating-system error no command turned into its own message:
+    what failed, on which file, and that the files written so far are whole."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return (f"{what}{f': {where}' if where else ''} ({type(exc).__name__}); every file vqgen "
+            "writes is written whole or not at all, so fix this (permissions, a read-only "
+            "or full disk) and run the same command again")
 
 
 class _Terminated(BaseException):

@@ -226,3 +226,29 @@ def test_the_library_keeps_ctrl_c_as_keyboard_interrupt() -> None:
                           timeout=120)
     assert done.stdout.strip() == "True", done.stderr[-2000:]
     assert signal.getsignal(signal.SIGINT) is not None
+
+
+@pytest.mark.parametrize("error, says", [
+    (PermissionError(13, "Permission denied", "/runs/r/prior/history/step_000004"),
+     "Permission denied: /runs/r/prior/history/step_000004 (PermissionError)"),
+    (OSError(30, "Read-only file system", "/runs/r/tokens", None, "/runs/r/.tokens.tmp"),
+     "Read-only file system: /runs/r/tokens -> /runs/r/.tokens.tmp (OSError)"),
+])
+def test_an_os_error_no_command_handled_is_one_line_and_exit_2(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        error: OSError, says: str) -> None:
+    """What the machine refuses (a read-only run directory, history or token folder that
+    root could still write, so it is faked here) ends as a named error, not a traceback."""
+    import vqgen.cli as cli
+
+    def refuse(args: Any) -> int:
+        raise error
+
+    parser = cli.build_parser()
+    real = parser.parse_args
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args",
+                        lambda argv=None: setattr(ns := real(argv), "func", refuse) or ns)
+    assert main(["plugins"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vqgen: error: ") and says in err and "Traceback" not in err
