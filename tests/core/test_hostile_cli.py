@@ -135,6 +135,9 @@ def _scratch(tmp: Path) -> None:
         "shapes_length_huge": {"data": {"name": "shapes", "params": {"length": 10**12}}},
         "sizes_absurd_together": {"prior": {"name": "gpt", "params": {
             "n_layer": 256, "n_head": 8, "n_embd": 16384}}},
+        "batch_beyond_memory": _train(tiny, batch_size=1 << 20, device="cpu"),
+        "fsdp_tokenizer": {"train": {**tiny["train"], "tokenizer": {
+            **tiny["train"]["tokenizer"], "strategy": "fsdp"}}},
         "temperature_denormal": {"sampler": {"name": "top_k", "params": {
             "k": 8, "temperature": 1e-320}}},
         "k_boolean": {"sampler": {"name": "top_k", "params": {"k": True}}},
@@ -383,6 +386,8 @@ CASES = [
           ("out_channels_huge", ["tokenizer.params.out_channels"]),
           ("shapes_length_huge", ["data.params.length"]),
           ("sizes_absurd_together", ["prior.params", "parameters"]),
+          ("batch_beyond_memory", ["train.prior.batch_size", "GiB of activations"]),
+          ("fsdp_tokenizer", ["train.tokenizer.strategy", "fsdp shards the prior"]),
           ("temperature_denormal", ["sampler.params.temperature"]),
           ("k_boolean", ["sampler.params", "k: true is a boolean"]),
       ]],
