@@ -119,3 +119,15 @@ def test_a_shape_mismatch_is_one_paragraph_naming_the_file(tmp_path: Path) -> No
     msg = str(info.value)
     assert "\n" not in msg and str(tmp_path / "weights.safetensors") in msg
     assert "tensor(s) differ in shape, e.g." in msg and "(8,) in the file, (16,)" in msg
+
+
+def test_a_file_where_best_goes_is_moved_aside_not_deleted(tmp_path: Path) -> None:
+    (tmp_path / BEST_DIR).write_text("a user's notes")
+    _checkpoint(tmp_path, 1)
+    assert keep_checkpoint(tmp_path, 1, keep_last=0, val_loss=1.0)["best_step"] == 1
+    assert (tmp_path / BEST_DIR / "weights.safetensors").read_text() == "step 1"
+    assert (tmp_path / f".{BEST_DIR}.moved-aside").read_text() == "a user's notes"
+    _checkpoint(tmp_path, 2)  # a better one later replaces the best directory as usual
+    assert keep_checkpoint(tmp_path, 2, keep_last=0, val_loss=0.5)["best_step"] == 2
+    assert (tmp_path / BEST_DIR / "weights.safetensors").read_text() == "step 2"
+    assert (tmp_path / f".{BEST_DIR}.moved-aside").read_text() == "a user's notes"

@@ -372,10 +372,17 @@ def _snapshot(directory: Path, target: Path) -> None:
     for f in sorted(directory.iterdir()):
         if f.is_file() and not f.name.startswith("."):
             _link_or_copy(f, tmp / f.name)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
+    old = target.with_name(f".{target.name}.old")  # the checkpoint being replaced
+    if target.is_dir() and not target.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)
+    elif target.exists() or target.is_symlink():  # put there by hand: not vqgen's to delete
+        aside = target.with_name(f".{target.name}.moved-aside")
+        n = 1
+        while aside.exists() or aside.is_symlink():
+            n += 1
+            aside = target.with_name(f".{target.name}.moved-aside.{n}")
+        os.replace(target, aside)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
 
