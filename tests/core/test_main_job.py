@@ -498,6 +498,14 @@ def test_fsdp_and_activation_checkpointing_are_prior_stage_settings(
     assert getattr(parse_config(config).train.prior, field) == value
 
 
+def test_fsdp_with_fp16_is_refused_by_name() -> None:
+    config = tiny(prior={"strategy": "fsdp", "amp": "fp16"})
+    with pytest.raises(ConfigError, match=r"train.prior: .*amp: fp16 .*use amp: bf16"):
+        parse_config(config)
+    config["train"]["prior"]["amp"] = "bf16"
+    assert parse_config(config).train.prior.amp == "bf16"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

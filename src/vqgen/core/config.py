@@ -162,6 +162,14 @@ class StageTrainConfig(_Strict):
         False, description="recompute each transformer block's activations in the backward "
         "pass instead of keeping them: less memory for long sequences, about a third more "
         "compute, the same gradients (the prior stage only)")
+
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> StageTrainConfig:
+        if self.strategy == "fsdp" and self.amp == "fp16":
+            raise ValueError("amp: fp16 needs a gradient scaler that vqgen does not run over "
+                             "FSDP's sharded gradients; use amp: bf16 (no scaler) or none "
+                             "with strategy: fsdp")
+        return self
     keep_last: int = Field(
         2, ge=0, description="step-numbered checkpoints kept in <stage>/history (0: none)"
     )
