@@ -215,3 +215,8 @@ def test_activation_checkpointing_gives_the_same_gradients_with_dropout(name: st
         after = prior.loss(seq, cond, **({"generator": torch.Generator().manual_seed(0)}
                                          if name == "maskgit" else {}))
     assert torch.equal(before, after)
+    # a deep copy recomputes its own blocks, not the original's
+    import copy
+
+    twin = copy.deepcopy(prior)
+    assert all(b.forward.__self__ is b for b in twin.blocks)

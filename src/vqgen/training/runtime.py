@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import types
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,15 +113,19 @@ def checkpoint_activations(units: Sequence[nn.Module]) -> None:
     enabled: activation memory of one unit instead of all, for about one more forward
     pass of compute. Random draws (dropout) are replayed, so the gradients are the same;
     without gradients (evaluation, sampling) a unit runs as before."""
+    for unit in units:
+        # bound to the unit (a deep copy rebinds it to the copy), its class's forward
+        unit.forward = types.MethodType(_recomputed_forward, unit)  # type: ignore[method-assign]
+
+
+def _recomputed_forward(unit: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``unit``'s own forward, recomputed in the backward pass where gradients are on."""
     from torch.utils.checkpoint import checkpoint
 
-    for unit in units:
-        def run(*args: Any, _forward: Any = unit.forward, **kwargs: Any) -> Any:
-            if torch.is_grad_enabled():
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-            return _forward(*args, **kwargs)
-
-        unit.forward = run  # type: ignore[method-assign]
+    forward = type(unit).forward.__get__(unit)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def world_size() -> int:
