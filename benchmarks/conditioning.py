@@ -821,8 +821,12 @@ def main() -> None:
                     help="condition dropout of the conditional priors (guidance needs > 0)")
     ap.add_argument("--conditioners", default="",
                     help="comma-separated subset of the conditioners (default: all six)")
+    ap.add_argument("--pos-emb", choices=["learned", "rope2d"], default="learned",
+                    help="GPT positions of every prior (rope2d: a map's tokens at the 2-D "
+                    "positions of the cells they describe)")
     args = ap.parse_args()
     setup(args)
+    GPT_PARAMS["pos_emb"] = args.pos_emb
     FUSION["mode"] = args.fusion
     GUIDANCE.update(scale=args.guidance, cond_dropout=args.cond_dropout)
     ONLY[:] = [c for c in args.conditioners.split(",") if c]
