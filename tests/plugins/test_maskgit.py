@@ -333,3 +333,25 @@ def test_config_wires_sizes_and_accepts_any_ordering(test_registry: vqgen.Regist
         parse_config({"data": {"name": "shapes"}, "tokenizer": {"name": "stub_tokenizer"},
                       "prior": {"name": "maskgit", "params": {"n_embd": 10, "n_head": 4}}},
                      registry=test_registry)
+
+
+def test_a_prefix_class_token_is_a_position_of_its_own() -> None:
+    """class_token: prefix feeds the class as a token before the cells: [B, L, V] logits
+    that depend on the class; the default (add) draws the same initial weights as before
+    the option existed (the prefix's position is drawn last); a spatial map is still added
+    cell by cell; pipelines sample with it."""
+    add, pre = tiny(cond_vocab_size=5), tiny(cond_vocab_size=5, class_token="prefix")
+    assert add.cond_pos is None and pre.cond_pos is not None
+    shared = add.state_dict()
+    for k, v in pre.state_dict().items():
+        if k != "cond_pos":
+            assert torch.equal(v, shared[k]), k  # same stream up to the new parameter
+    seq = torch.full((2, 16), -1)  # (B, L): all masked
+    with torch.no_grad():
+        a = pre.masked_logits(seq, torch.tensor([[V], [V]]))  # (2, L, V)
+        b = pre.masked_logits(seq, torch.tensor([[V], [V + 3]]))
+        spatial = pre.masked_logits(seq, torch.full((2, 16), V + 1))  # a map: added
+    assert a.shape == (2, 16, V) and spatial.shape == (2, 16, V)
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    pipe = Pipeline(StubTokenizer(), pre, grid=(4, 4), sampler=sampler(), conditioner=classes())
+    assert pipe.generate(2, [0, 3], seed=0, guidance=2.0).codes.shape == (2, 4, 4)

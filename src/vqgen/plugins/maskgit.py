@@ -14,8 +14,11 @@ Token ids (one embedding table, ``tok_emb``)::
 
 ``cond_vocab_size = 0`` is taming's layout (condition ids share the image-code table).
 The input of cell ``i`` is ``tok_emb(seq[i] or [MASK]) + pos_emb[i]`` plus the condition:
-a class (``Lc = 1``) is added at every cell, a spatial map (``Lc = L``) cell by cell
-(``aligned_condition = True``: the pipeline hands it over in the same order as ``seq``).
+a class (``Lc = 1``) is added at every cell (``class_token: add``, the default) or fed as
+a token of its own before the cells (``class_token: prefix``, with its own learned
+position, as MaskGIT's code does; its output row is dropped), a spatial map (``Lc = L``)
+cell by cell (``aligned_condition = True``: the pipeline hands it over in the same order
+as ``seq``).
 A conditioner's null token is just another condition id, so condition dropout and
 classifier-free guidance (``uncond + s · (cond − uncond)`` from one doubled batch) work
 as for GPT.
@@ -109,6 +112,10 @@ class MaskGITParams(ParamsModel):
     choice_temperature: float = Field(
         4.5, ge=0.0, le=100.0, description="scale of the Gumbel noise on the confidence "
         "that picks the cells to fix, annealed linearly to 0 over the rounds (MaskGIT: 4.5)")
+    class_token: Literal["add", "prefix"] = Field(
+        "add", description="how a class condition (one token) enters: add (its embedding "
+        "added at every cell) or prefix (a token of its own before the cells, with its own "
+        "position, as MaskGIT's code feeds it); a spatial map is always added cell by cell")
 
     @model_validator(mode="after")
     def _check(self) -> MaskGITParams:
@@ -208,6 +215,9 @@ class MaskGIT(TransformerMemory, MaskedPrior):
         self.mask_id = p.vocab_size + p.cond_vocab_size  # the last row of the table
         self.tok_emb = nn.Embedding(self.mask_id + 1, p.n_embd)
         self.pos_emb = nn.Parameter(torch.zeros(1, self.length, p.n_embd))
+        #: the class token's own position where it is a prefix (class_token: prefix)
+        self.cond_pos = (nn.Parameter(torch.zeros(1, 1, p.n_embd))
+                         if p.class_token == "prefix" else None)
         self.drop = nn.Dropout(p.dropout)
         self.blocks = nn.Sequential(
             *[Block(p.n_embd, p.n_head, p.dropout, p.attention) for _ in range(p.n_layer)])
@@ -215,6 +225,8 @@ class MaskGIT(TransformerMemory, MaskedPrior):
         self.head = nn.Linear(p.n_embd, p.vocab_size)  # image codes only
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, mean=0.0, std=0.02)  # BERT's; zeros would tie cells
+        if self.cond_pos is not None:
+            nn.init.normal_(self.cond_pos, mean=0.0, std=0.02)
 
     @classmethod
     def wire(cls, params: dict[str, Any], sizes: Sizes) -> dict[str, Any]:
@@ -269,9 +281,14 @@ class MaskGIT(TransformerMemory, MaskedPrior):
         self._check(seq, cond)
         ids = seq.masked_fill(seq < 0, self.mask_id)  # (B, L)
         x = self.tok_emb(ids) + self.pos_emb  # (B, L, C)
-        if cond is not None:
+        prefix = cond is not None and self.cond_pos is not None and cond.shape[1] == 1
+        if prefix:
+            assert cond is not None and self.cond_pos is not None
+            x = torch.cat([self.tok_emb(cond) + self.cond_pos, x], dim=1)  # (B, 1 + L, C)
+        elif cond is not None:
             x = x + self.tok_emb(cond)  # (B, 1 or L, C): a class everywhere, a map per cell
-        x = self.blocks(self.drop(x))  # (B, L, C)
+        x = self.blocks(self.drop(x))  # (B, L or 1 + L, C)
+        x = x[:, 1:] if prefix else x  # (B, L, C): the cells only
         return self.head(self.ln_f(x))  # (B, L, V)
 
     # -- training -------------------------------------------------------------
