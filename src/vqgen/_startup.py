@@ -6,6 +6,7 @@ thing."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -14,8 +15,12 @@ __all__: list[str] = []
 
 
 def _quiet_start_up_interrupt(signum: int, frame: object) -> None:
+    """Exit at once: nothing has been read or written yet, and an exception raised here
+    could land in an import's bare ``except`` and be swallowed (measured: the command then
+    ran on and exited 0)."""
     print("\nvqgen: interrupted while starting; nothing was done", file=sys.stderr)
-    raise SystemExit(130)
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _started_as_cli() -> bool:
