@@ -236,7 +236,7 @@ def _prior_stage(run: Path, config: PipelineConfig, conditioner: Any, info: Any,
         _load_cond_tokenizer(run, conditioner)
     if stage_step(run, "prior") == config.train.prior.steps:  # finished
         if info.main:
-            prior = load_component(run / "prior", registry)
+            prior = _saved_params(run / "prior", registry)  # its sizes; load_run reads weights
             _restore_layout(run, config, tokenizer, prior, conditioner)
         return load_run(run, registry)
     if stage_step(run, "prior") is not None and not resume:
@@ -352,12 +352,25 @@ def run_lock(run_dir: str | os.PathLike[str]) -> Iterator[None]:
         lock.release()
 
 
+def _saved_params(stage_dir: Path, registry: Registry) -> Any:
+    """The validated params a stage's checkpoint was saved with (its wired sizes), read
+    from ``meta.json`` without the weights; None where they cannot be read (loading the
+    run names the problem)."""
+    from vqgen.core.checkpoint import read_meta
+
+    try:
+        meta = read_meta(stage_dir)
+        return registry.validate_params(meta["kind"], meta["name"], meta["params"])
+    except VqgenError:
+        return None
+
+
 def _restore_layout(run: Path, config: PipelineConfig, tokenizer: Any, prior: Any,
                     conditioner: Any) -> None:
     """Write ``pipeline.json`` of a finished run again where it is missing, damaged,
     holds a grid that the data's resolution and the tokenizer's f cannot give, or a
-    ``cond_offset`` outside the prior's condition ids (then the default); a good
-    ``cond_offset`` (taming's 0) is kept."""
+    ``cond_offset`` outside the condition ids of ``prior`` (its module or saved params;
+    then the default); a good ``cond_offset`` (taming's 0) is kept."""
     expected = _data_grid(config, tokenizer)
     if expected is None:
         return
