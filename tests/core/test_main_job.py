@@ -421,26 +421,9 @@ def test_two_gloo_processes_equal_one_process_with_the_global_batch(
     assert moved > 1e-3  # the updates are large enough for the comparison to mean something
 
 
-def test_torchrun_cli_trains_a_run_that_samples(tmp_path: Path) -> None:
-    common = {"device": "cpu", "log_every": 1, "image_every": 0}
-    cfg = write_config(tmp_path / "c.yaml", tiny(tokenizer={**common, "steps": 2, "batch_size": 4},
-                                                 prior={**common, "steps": 2, "batch_size": 4}))
-    run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "vqgen", "train", str(cfg), "--run-dir", str(run)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("trained tokenizer, prior") == 2  # both ranks finish
-    records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["stage"] == "prior"] == [1, 2]  # rank 0 alone logs
-    pipe = vqgen.load_run(run)
-    assert pipe.generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)
-
-
-def _torchrun_train(cfg: Path, run: Path, *extra: str) -> None:
+def _torchrun_train(cfg: Path, run: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """``vqgen train`` under torchrun with two CPU processes (one thread each); it must
+    succeed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -448,6 +431,20 @@ def _torchrun_train(cfg: Path, run: Path, *extra: str) -> None:
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_cli_trains_a_run_that_samples(tmp_path: Path) -> None:
+    common = {"device": "cpu", "log_every": 1, "image_every": 0}
+    cfg = write_config(tmp_path / "c.yaml", tiny(tokenizer={**common, "steps": 2, "batch_size": 4},
+                                                 prior={**common, "steps": 2, "batch_size": 4}))
+    run = tmp_path / "run"
+    proc = _torchrun_train(cfg, run)
+    assert proc.stdout.count("trained tokenizer, prior") == 2  # both ranks finish
+    records = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["stage"] == "prior"] == [1, 2]  # rank 0 alone logs
+    pipe = vqgen.load_run(run)
+    assert pipe.generate(2, [0, 1], seed=0).images.shape == (2, 3, 32, 32)
 
 
 def test_fsdp_checkpoints_are_whole_resume_exactly_and_sample_in_one_process(

@@ -178,6 +178,14 @@ class StageTrainConfig(_Strict):
     )
 
 
+#: Settings only the prior stage may change from their defaults, and why.
+PRIOR_ONLY: dict[str, str] = {
+    "strategy": "fsdp shards the prior stage only (a tokenizer's discriminator and codebook "
+                "restarts train replicated); use ddp here, fsdp in train.prior",
+    "activation_checkpointing": "activation checkpointing is for the prior's blocks; set it "
+                                "in train.prior",
+}
+
 #: The stage defaults: what an unset (``None``) field of ``train.<stage>`` means. One
 #: table, filled in when a config is loaded, so ``config validate --resolved`` and the
 #: schema show it (taming's VQGAN: Adam 0.5 / 0.9 at a constant rate; minGPT: AdamW
@@ -201,21 +209,12 @@ def _stage_config(stage: str) -> type[StageTrainConfig]:
 
     validators: dict[str, Any] = {"_fill": model_validator(mode="after")(fill)}
     if stage != "prior":
-        def replicated(value: str) -> str:
-            if value != "ddp":
-                raise ValueError(
-                    "fsdp shards the prior stage only (a tokenizer's discriminator and "
-                    "codebook restarts train replicated); use ddp here, fsdp in train.prior")
+        def prior_only(value: Any, info: ValidationInfo) -> Any:
+            if value != StageTrainConfig.model_fields[str(info.field_name)].default:
+                raise ValueError(PRIOR_ONLY[str(info.field_name)])
             return value
 
-        def kept(value: bool) -> bool:
-            if value:
-                raise ValueError("activation checkpointing is for the prior's blocks; set it "
-                                 "in train.prior")
-            return value
-
-        validators["_replicated"] = field_validator("strategy")(replicated)
-        validators["_kept"] = field_validator("activation_checkpointing")(kept)
+        validators["_prior_only"] = field_validator(*PRIOR_ONLY)(prior_only)
     fields: dict[str, Any] = {
         name: (StageTrainConfig.model_fields[name].annotation,
                Field(value, description=StageTrainConfig.model_fields[name].description))

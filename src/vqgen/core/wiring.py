@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from vqgen.core.devices import resolve_device
 from vqgen.core.interfaces import AUTO, ActivationEstimate, Sizes
 from vqgen.core.registry import Registry, format_validation_error
 
@@ -196,9 +197,7 @@ def _sizes_that_fit(cfg: PipelineConfig, registry: Registry) -> Problems:
 
 def _on_cpu(device: str) -> bool:
     """Whether a stage set to ``device`` trains on this machine's CPU."""
-    import torch
-
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return device == "cpu" or (device == "auto" and resolve_device("auto").type == "cpu")
 
 
 def _gib(n: float) -> str:

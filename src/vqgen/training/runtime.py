@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from vqgen.core.devices import resolve_device
 from vqgen.core.errors import VqgenError
 
 __all__ = ["STRATEGIES", "DistInfo", "Runtime", "barrier", "checkpoint_activations",
@@ -131,19 +132,6 @@ def _recomputed_forward(unit: nn.Module, *args: Any, **kwargs: Any) -> Any:
 def world_size() -> int:
     """Processes in the torch.distributed group (1 when not distributed)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else as torch reads it."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise VqgenError(f"invalid device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VqgenError(f"device {name!r} was requested but CUDA is not available")
-    return device
 
 
 def seed_everything(seed: int) -> None:

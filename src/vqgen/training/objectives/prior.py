@@ -182,7 +182,7 @@ class PriorObjective(Objective):
         self.shown = self.global_logs = (name,)
         self.val_key = f"val_{name}_nats"
         self.base_lr = resolve_lr(cfg, rt.info.world)
-        self.opt = make_optimizer(cfg, optimizer_groups(prior, cfg.weight_decay), self.base_lr)
+        self.opt = self._optimizer()
         self.gen = torch.Generator(device=rt.device).manual_seed(cfg.seed)
         # the attention backend, resolved before training: an explicit one that cannot run
         # here is an error now, and the metrics say which one `auto` chose
@@ -201,12 +201,15 @@ class PriorObjective(Objective):
         self.model = self.rt.wrap(_PriorLoss(self.prior), units)
         if self.rt.sharded:
             whole = self.opt.state_dict()  # restored, or fresh
-            self.opt = make_optimizer(self.cfg, optimizer_groups(self.prior,
-                                                                 self.cfg.weight_decay),
-                                      self.base_lr)
+            self.opt = self._optimizer()  # over the shards
             self.opt.load_state_dict(self.rt.shard_optimizer_state(whole, self.opt))
         if self.cfg.compile and self.rt.cuda:
             self.model = torch.compile(self.model)  # type: ignore[assignment]
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over the prior's current parameters (decay groups)."""
+        return make_optimizer(self.cfg, optimizer_groups(self.prior, self.cfg.weight_decay),
+                              self.base_lr)
 
     def batches(self, start: int) -> Iterator[Mapping[str, torch.Tensor]]:
         cfg, info = self.cfg, self.rt.info
